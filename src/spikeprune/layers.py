@@ -1,0 +1,134 @@
+"""Time-distributed layers and input encoders for multi-step ``[T, B, ...]`` tensors.
+
+The wrappers subclass their ``torch.nn`` counterparts (so ``isinstance(m, nn.Conv2d)`` holds and
+``torch.nn.utils.prune``, Torch-Pruning and NIR exporters see ordinary layers). In multi-step mode they fold
+``[T, B, ...]`` into ``[T*B, ...]``, run the layer once, and unfold; a ``[B, ...]`` input passes straight through,
+which is how a *static* first layer (direct encoding: compute conv+BN once, then repeat) stays cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+    "Flatten", "Dropout", "Repeat", "RateEncoder", "EventInput", "VotingLayer", "seq_apply",
+]
+
+
+def seq_apply(fn, x: torch.Tensor, static_dims: int) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` folding a leading time axis when ``x`` has ``static_dims + 1`` dimensions."""
+    if x.dim() == static_dims + 1:
+        T, B = x.shape[:2]
+        y = fn(x.flatten(0, 1))
+        return y.view(T, B, *y.shape[1:])
+    return fn(x)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` on ``[T, B, C, H, W]`` or ``[B, C, H, W]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 4)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (already works on any leading dimensions)."""
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over ``T*B*H*W`` (tdBN-style statistics shared across time steps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 4)
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 2)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 4)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 4)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return seq_apply(super().forward, x, 4)
+
+
+class Flatten(nn.Module):
+    """Flatten the last ``dims`` feature dimensions, whatever the leading ``[T, B]`` or ``[B]`` axes."""
+
+    def __init__(self, dims: int = 3):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(-self.dims)
+
+
+class Dropout(nn.Dropout):
+    """Dropout whose mask is shared across time steps (one mask per sample), as in SNN practice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask = torch.empty_like(x[0]).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * mask
+
+
+class Repeat(nn.Module):
+    """Direct encoding: ``[B, ...] -> [T, B, ...]`` by repeating the same (static) tensor T times.
+
+    Uses ``expand`` so no copy is made; placed after the first conv/linear (+BN) the static layer runs once.
+    """
+
+    def __init__(self, T: int):
+        super().__init__()
+        if int(T) < 1:
+            raise ValueError(f"T must be >= 1, got {T}")
+        self.T = int(T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand(self.T, *x.shape)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+
+
+class RateEncoder(nn.Module):
+    """Rate (Bernoulli/Poisson) coding: each step fires with probability equal to the clamped input."""
+
+    def __init__(self, T: int, gain: float = 1.0):
+        super().__init__()
+        self.T, self.gain = int(T), float(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = (x * self.gain).clamp(0, 1)
+        return torch.bernoulli(p.unsqueeze(0).expand(self.T, *p.shape).contiguous())
+
+
+class EventInput(nn.Module):
+    """Event-camera frames arrive as ``[B, T, ...]``; make them ``[T, B, ...]`` (SpikingJelly's order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).contiguous()
+
+
+class VotingLayer(nn.Module):
+    """Average groups of ``group`` output neurons into one class score (Grad R / UPR CIFAR nets)."""
+
+    def __init__(self, group: int = 10):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.group)).mean(-1)
