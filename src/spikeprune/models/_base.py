@@ -7,6 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+try:  # torch >= 2.5 tells symbolic tracing apart from export
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:  # pragma: no cover
+    from torch.fx._symbolic_trace import is_fx_tracing
+
 from ..layers import EventInput, RateEncoder, Repeat
 from ..neurons import BaseNeuron, make_neuron
 
@@ -32,6 +37,8 @@ class SpikingModel(nn.Module):
         self.encoding = encoding
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_fx_tracing():
+            return
         want = (self.T, *self.in_shape) if self.encoding == "events" else self.in_shape
         if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want:
             form = "[B, T, " if self.encoding == "events" else "[B, "

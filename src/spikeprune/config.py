@@ -1,0 +1,246 @@
+"""Run configuration: dataclasses that load from YAML with strict keys and types.
+
+``load_config("recipe.yaml", overrides=["train.lr=0.01"])`` returns a :class:`RunConfig`. An unknown key, a
+value of the wrong type or out of range raises :class:`ConfigError` naming the dotted key and what is allowed.
+Method options live under ``method:`` and are checked against the method's own config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fc3"
+    T: int = 4
+    neuron: dict = field(default_factory=lambda: {"type": "lif"})
+    encoding: Literal["direct", "rate", "events"] = "direct"
+    options: dict = field(default_factory=dict)  # extra keyword arguments of the model factory
+
+    def validate(self, key: str) -> None:
+        _check(self.T >= 1, f"{key}.T", f"must be >= 1, got {self.T}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    val_split: float = 0.0
+    subset: int | None = None
+    download: bool = False
+    options: dict = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(0.0 <= self.val_split < 1.0, f"{key}.val_split", f"must be in [0, 1), got {self.val_split}")
+        _check(self.subset is None or self.subset >= 1, f"{key}.subset", "must be >= 1 or null")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    loss: Literal["ce", "mse", "tet"] = "ce"
+    tet_lambda: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    amp: Literal["auto", "on", "off"] = "auto"
+    device: str = "auto"
+    checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
+    keep_checkpoints: int = 2
+    progress: bool = True
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(0 <= self.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null")
+        _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), f"{key}.device",
+               f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class MeasureConfig:
+    pj_per_ac: float = 0.9
+    pj_per_mac: float = 4.6
+    max_batches: int | None = None
+
+    def validate(self, key: str) -> None:
+        _check(self.pj_per_ac >= 0 and self.pj_per_mac >= 0, key, "energies must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    method: dict | None = None  # {"name": "pq_rewire", ...options}; None trains densely
+
+    def validate(self, key: str = "") -> None:
+        if self.method is not None:
+            if "name" not in self.method:
+                raise ConfigError("config key 'method.name' is missing (or set method: null for dense training)")
+            from .sparsity.methods import method_config
+
+            method_config(self.method)  # raises ConfigError naming the bad option
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+# ----------------------------------------------------------------------------------------- loading
+def from_dict(cls: type, data: dict | None, key: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict, checking keys and types recursively."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{key or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{key}.{k}" if key else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{full}' (allowed: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], full)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def _coerce(v: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, key)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(v, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"config key '{key}' must be {_tname(tp)}, got {v!r}")
+    if origin is Literal:
+        if v not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {v!r}")
+        return v
+    if tp is Any:
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, str):  # YAML reads 1e-3 as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
+        return v
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {v!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(x, inner, f"{key}[{i}]") for i, x in enumerate(v)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {v!r}")
+        return dict(v)
+    return v
+
+
+def _tname(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        path, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = path.strip().split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or defaults when ``path`` is None), apply overrides, and validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    if path is not None and "name" not in data:
+        cfg.name = Path(path).stem
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

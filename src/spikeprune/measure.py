@@ -1,0 +1,276 @@
+"""Honest measurement of a (sparse) SNN, computed from the tensors themselves.
+
+* **connectivity**: non-zero effective weights / weights, per synaptic layer and in total. The effective weight
+  is the weight with its connection mask and any dead units folded in (a masked neuron loses its fan-in row and
+  fan-out column).
+* **effective SOPs**: every input spike times its non-zero outgoing synapses (to alive units), summed over T and
+  positions, averaged per sample. A layer whose input is not binary (the direct-encoded first layer) counts
+  **MACs** instead, over its non-zero weights. **Dense SOPs** use all weights, as most tools do.
+* **energy**: ``pj_per_ac * SOPs + pj_per_mac * MACs`` (45 nm figures 0.9 / 4.6 pJ by default).
+* **firing rate**: emitted spikes / (T × units × samples), per spiking layer and overall.
+
+The per-layer fan-out of every input position is computed once as the input-gradient of a convolution with
+all-ones output gradient and the binary weight map, so SOPs cost one multiply-add per input element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .graph import SYNAPTIC, analyze
+from .neurons import is_neuron
+
+
+@dataclass
+class LayerStats:
+    name: str
+    kind: str  # "linear" | "conv"
+    weights: int
+    nonzero: int
+    input: str = ""  # "spikes" | "analog" | "" (did not run)
+    sops: float = 0.0
+    dense_sops: float = 0.0
+    macs: float = 0.0  # effective MACs (analog input, non-zero weights)
+    dense_macs: float = 0.0  # conventional dense MACs (Cout·Hout·Wout·Cin·k², all frames)
+    in_rate: float = 0.0
+
+    @property
+    def connectivity(self) -> float:
+        return self.nonzero / max(1, self.weights)
+
+
+@dataclass
+class NeuronStats:
+    name: str
+    units: int
+    alive: int
+    firing_rate: float = 0.0
+    unit_rates: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    """Totals are per sample; ``layers`` and ``neurons`` hold the per-layer break-down."""
+
+    accuracy: float | None
+    samples: int
+    weights: int
+    nonzero: int
+    params: int
+    sops: float
+    dense_sops: float
+    macs: float
+    dense_macs: float
+    energy_uj: float
+    firing_rate: float
+    neurons: int
+    neurons_alive: int
+    layers: list[LayerStats]
+    spiking: list[NeuronStats]
+    pj_per_ac: float = 0.9
+    pj_per_mac: float = 4.6
+
+    @property
+    def connectivity(self) -> float:
+        return self.nonzero / max(1, self.weights)
+
+    def summary(self) -> dict:
+        """Flat dict of the headline numbers."""
+        return {"accuracy": self.accuracy, "connectivity": self.connectivity, "params": self.params,
+                "weights_nonzero": self.nonzero, "sops": self.sops, "dense_sops": self.dense_sops,
+                "macs": self.macs, "energy_uj": self.energy_uj, "firing_rate": self.firing_rate,
+                "neurons_alive": self.neurons_alive, "neurons": self.neurons}
+
+    def to_dict(self) -> dict:
+        d = self.summary()
+        d["layers"] = [dict(asdict(l), connectivity=l.connectivity) for l in self.layers]
+        d["spiking"] = [asdict(n) for n in self.spiking]
+        d["pj_per_ac"], d["pj_per_mac"], d["samples"] = self.pj_per_ac, self.pj_per_mac, self.samples
+        return d
+
+    def table(self) -> str:
+        """Per-layer Markdown table followed by the totals."""
+        rows = ["| layer | input | conn. % | non-zero | eff. SOPs | dense SOPs | MACs |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for l in self.layers:
+            rows.append(f"| {l.name} | {l.input or '-'} | {100 * l.connectivity:.2f} | {l.nonzero:,} | "
+                        f"{l.sops:,.0f} | {l.dense_sops:,.0f} | {l.macs:,.0f} |")
+        rows.append(f"| **total** |  | {100 * self.connectivity:.2f} | {self.nonzero:,} | {self.sops:,.0f} | "
+                    f"{self.dense_sops:,.0f} | {self.macs:,.0f} |")
+        rows += ["", "| spiking layer | alive / units | firing rate |", "|---|---:|---:|"]
+        rows += [f"| {n.name} | {n.alive} / {n.units} | {n.firing_rate:.4f} |" for n in self.spiking]
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def effective_weights(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Weights of every synaptic layer with ``weight_mask`` buffers and dead units (``unit_mask``) folded in."""
+    from .sparsity.masks import fold_units
+
+    modules = dict(model.named_modules())
+    out = {}
+    for n, m in modules.items():
+        if isinstance(m, SYNAPTIC):
+            w = m.weight.detach().clone()
+            mask = getattr(m, "weight_mask", None)
+            out[n] = w * mask if mask is not None else w
+    if any(getattr(m, "unit_mask", None) is not None for m in modules.values() if is_neuron(m)):
+        if example_input is None:
+            example_input = model.example_input(2)
+        fold_units(out, analyze(model, example_input), modules)
+    return out
+
+
+def _fanout(m: nn.Module, w_bin: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
+    """Number of (non-zero) outgoing synapses of every input element, shaped like one input frame."""
+    if isinstance(m, nn.Linear):
+        return w_bin.sum(0)
+    x = torch.zeros((1, *in_shape), device=w_bin.device)
+    out_shape = F.conv2d(x, w_bin, None, m.stride, m.padding, m.dilation, m.groups).shape
+    return torch.nn.grad.conv2d_input((1, *in_shape), w_bin, torch.ones(out_shape, device=w_bin.device),
+                                      m.stride, m.padding, m.dilation, m.groups)[0]
+
+
+@torch.no_grad()
+def measure(model: nn.Module, loader, device: str | torch.device | None = None, max_batches: int | None = None,
+            pj_per_ac: float = 0.9, pj_per_mac: float = 4.6, prunable: list[str] | None = None,
+            unit_rates: bool = False) -> Measurement:
+    """Run ``loader`` through ``model`` (eval mode) and measure accuracy, connectivity, SOPs, energy and
+    firing rates. ``prunable`` restricts the connectivity total to those layers (default: all Conv/Linear)."""
+    if pj_per_ac < 0 or pj_per_mac < 0:
+        raise ValueError("pj_per_ac and pj_per_mac must be >= 0")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    it = iter(loader)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("measure() got an empty loader")
+    x0 = first[0].to(device)
+    eff = effective_weights(model, x0[:2])
+    modules = dict(model.named_modules())
+    layers = {n: LayerStats(n, "linear" if isinstance(modules[n], nn.Linear) else "conv", w.numel(),
+                            int((w != 0).sum())) for n, w in eff.items()}
+    bins = {n: (w != 0).to(torch.float32) for n, w in eff.items()}
+    dense = {n: torch.ones_like(w) for n, w in bins.items()}
+    fan_cache: dict = {}
+    spk_sum: dict[str, torch.Tensor] = {}
+    spk_cnt: dict[str, float] = {}
+    hooks = []
+
+    def syn_hook(name):
+        def hook(mod, inputs):
+            x = inputs[0].detach().float()
+            feat = x.shape[-1:] if isinstance(mod, nn.Linear) else x.shape[-3:]
+            frames = x.numel() // math.prod(feat)
+            ls = layers[name]
+            spikes = bool(((x == 0) | (x == 1)).all())
+            ls.input = "spikes" if spikes else "analog"
+            key = (name, tuple(feat))
+            if key not in fan_cache:
+                fan_cache[key] = (_fanout(mod, bins[name], tuple(feat)), _fanout(mod, dense[name], tuple(feat)))
+            f_eff, f_dense = fan_cache[key]
+            xs = x.reshape(frames, *feat).sum(0)
+            taps_dense = float(_dense_macs(mod, feat)) * frames
+            if spikes:
+                ls.sops += float((xs * f_eff).sum())
+                ls.dense_sops += float((xs * f_dense).sum())
+                ls.in_rate += float(x.mean()) * frames
+            else:
+                ls.macs += float(f_eff.sum()) * frames
+            ls.dense_macs += taps_dense
+            ls._frames = getattr(ls, "_frames", 0) + frames
+        return hook
+
+    def neuron_hook(name):
+        def hook(mod, inputs, out):
+            s = out.detach().float()
+            unit_dim = 2 if s.dim() > 2 else 1
+            per_unit = s.transpose(0, unit_dim).reshape(s.shape[unit_dim], -1).mean(1)
+            spk_sum[name] = spk_sum.get(name, 0) + per_unit * (s.numel() // s.shape[unit_dim])
+            spk_cnt[name] = spk_cnt.get(name, 0) + s.numel() // s.shape[unit_dim]
+        return hook
+
+    for n, m in modules.items():
+        if isinstance(m, SYNAPTIC):
+            hooks.append(m.register_forward_pre_hook(syn_hook(n)))
+        elif is_neuron(m):
+            hooks.append(m.register_forward_hook(neuron_hook(n)))
+    was = model.training
+    model.eval()
+    correct = samples = 0
+    has_labels = True
+    try:
+        batch = first
+        b = 0
+        while batch is not None and (max_batches is None or b < max_batches):
+            x, y = batch[0].to(device), batch[1].to(device)
+            out = model(x)
+            logits = out.mean(0) if out.dim() == 3 else out
+            correct += int((logits.argmax(-1) == y).sum())
+            samples += x.shape[0]
+            b += 1
+            batch = next(it, None)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    n = max(1, samples)
+    for ls in layers.values():
+        frames = getattr(ls, "_frames", 0)
+        ls.in_rate = ls.in_rate / frames if frames and ls.input == "spikes" else 0.0
+        ls.sops /= n
+        ls.dense_sops /= n
+        ls.macs /= n
+        ls.dense_macs /= n
+        if hasattr(ls, "_frames"):
+            del ls._frames
+    spiking = []
+    for name, m in modules.items():
+        if not is_neuron(m) or name not in spk_sum:
+            continue
+        per_unit = (spk_sum[name] / spk_cnt[name]).cpu()
+        um = getattr(m, "unit_mask", None)
+        alive = int(um.sum()) if um is not None else per_unit.numel()
+        spiking.append(NeuronStats(name, per_unit.numel(), alive, float(per_unit.mean()),
+                                   per_unit.tolist() if unit_rates else []))
+    prune_set = set(prunable) if prunable is not None else set(layers)
+    weights = sum(l.weights for n_, l in layers.items() if n_ in prune_set)
+    nonzero = sum(l.nonzero for n_, l in layers.items() if n_ in prune_set)
+    other = _other_params(model, eff)
+    sops = sum(l.sops for l in layers.values())
+    macs = sum(l.macs for l in layers.values())
+    fr_num = sum(s.firing_rate * s.units for s in spiking)
+    return Measurement(
+        accuracy=correct / n if has_labels else None, samples=samples, weights=weights, nonzero=nonzero,
+        params=sum(l.nonzero for l in layers.values()) + other, sops=sops,
+        dense_sops=sum(l.dense_sops for l in layers.values()), macs=macs,
+        dense_macs=sum(l.dense_macs for l in layers.values()),
+        energy_uj=(pj_per_ac * sops + pj_per_mac * macs) * 1e-6, firing_rate=fr_num / max(1, sum(
+            s.units for s in spiking)), neurons=sum(s.units for s in spiking),
+        neurons_alive=sum(s.alive for s in spiking), layers=list(layers.values()), spiking=spiking,
+        pj_per_ac=pj_per_ac, pj_per_mac=pj_per_mac)
+
+
+def _dense_macs(m: nn.Module, feat) -> int:
+    if isinstance(m, nn.Linear):
+        return m.in_features * m.out_features
+    h, w = feat[-2:]
+    kh, kw = m.kernel_size
+    ho = (h + 2 * m.padding[0] - m.dilation[0] * (kh - 1) - 1) // m.stride[0] + 1
+    wo = (w + 2 * m.padding[1] - m.dilation[1] * (kw - 1) - 1) // m.stride[1] + 1
+    return m.out_channels * ho * wo * (m.in_channels // m.groups) * kh * kw
+
+
+def _other_params(model: nn.Module, eff: dict[str, torch.Tensor]) -> int:
+    """Non-zero parameters outside the synaptic weights (biases, norms, learnable taus)."""
+    weights = {id(m.weight) for n, m in model.named_modules() if n in eff}
+    return sum(int((p != 0).sum()) for p in model.parameters() if id(p) not in weights)
+
+
+def count_weights(model: nn.Module) -> int:
+    """Dense number of Conv/Linear weights."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, SYNAPTIC))

@@ -1,0 +1,341 @@
+"""The one mask engine every method uses.
+
+* **Connection masks**: a bool buffer ``weight_mask`` on every prunable Conv/Linear (``torch.nn.utils.prune``
+  style, so masks travel in ``state_dict``). Masked weights are exactly 0.0 after every optimizer step: the
+  engine's step pre-hook zeroes their gradients (after DDP has averaged them, so all ranks agree) and its
+  post-hook re-zeroes the weights. Changing a mask zeroes the optimizer state of every weight that died or was
+  regrown, so regrown weights start at 0 with clean state.
+* **Unit masks**: a bool buffer ``unit_mask`` on a spiking layer, one entry per neuron (FC) or channel (conv),
+  multiplied into its output spikes by a forward hook. The neuron keeps integrating behind the mask, so activity
+  statistics (gathered by observers *before* the mask) can bring it back. Unit masks imply zero fan-in rows and
+  fan-out columns; :meth:`MaskEngine.effective_weights` folds them in, :meth:`MaskEngine.remove` makes it
+  permanent.
+* **Unit gradients**: with ``track_unit_grad`` the engine accumulates ``|∂L/∂g|`` of each unit's gate as if it
+  were open (the RigL-style dense signal SCA regrows by).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
+from ..neurons import is_neuron
+
+DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
+
+
+class MaskEngine:
+    """Owns every mask of one model. ``prunable`` layers are the Conv/Linear weights not in ``ignored_layers``
+    (names or modules); ``prune_first``/``prune_last`` include the first and last synaptic layer."""
+
+    def __init__(self, model: nn.Module, ignored_layers: Iterable[str | nn.Module] = (), prune_first: bool = True,
+                 prune_last: bool = True, example_input: torch.Tensor | None = None):
+        self.model = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+        ignored = {x if isinstance(x, str) else self._name_of(x) for x in ignored_layers}
+        named = [(n, m) for n, m in self.model.named_modules() if isinstance(m, SYNAPTIC)]
+        if not named:
+            raise ValueError(f"{type(self.model).__name__} has no Conv/Linear layer to prune")
+        unknown = ignored - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"ignored_layers names no Conv/Linear layer: {sorted(unknown)}; "
+                             f"layers are {[n for n, _ in named]}")
+        if not prune_first:
+            ignored.add(named[0][0])
+        if not prune_last:
+            ignored.add(named[-1][0])
+        self.layers: dict[str, nn.Module] = {n: m for n, m in named if n not in ignored}
+        for m in self.layers.values():
+            if getattr(m, "weight_mask", None) is None:
+                m.register_buffer("weight_mask", torch.ones_like(m.weight, dtype=torch.bool))
+        self._example = example_input
+        self._groups: list[UnitGroup] | None = None
+        self._unit_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._opt_hooks: list = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dense_grad_hooks: list[DenseGradHook] = []
+        self.track_unit_grad = False
+        self.unit_grad: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _name_of(self, module: nn.Module) -> str:
+        for n, m in self.model.named_modules():
+            if m is module:
+                return n
+        raise ValueError(f"{type(module).__name__} is not a submodule of the model")
+
+    def mask(self, name: str) -> torch.Tensor:
+        return self.layers[name].weight_mask
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: m.weight_mask for n, m in self.layers.items()}
+
+    # ------------------------------------------------------------------------------- connection masks
+    @torch.no_grad()
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Install a new connection mask: dead weights become 0.0, regrown ones start at 0.0, and the optimizer
+        state of every weight whose status changed is cleared."""
+        layer = self.layers[name]
+        mask = mask.to(device=layer.weight.device, dtype=torch.bool)
+        if mask.shape != layer.weight.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has "
+                             f"{tuple(layer.weight.shape)}")
+        changed = mask ^ layer.weight_mask
+        grown = changed & mask
+        layer.weight.masked_fill_(~mask | grown, 0.0)
+        layer.weight_mask.copy_(mask)
+        self._clear_state(layer.weight, changed)
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        for n, m in masks.items():
+            self.set_mask(n, m)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every masked weight (idempotent)."""
+        for m in self.layers.values():
+            m.weight.mul_(m.weight_mask)
+
+    @torch.no_grad()
+    def _clear_state(self, p: torch.Tensor, where: torch.Tensor) -> None:
+        if self.optimizer is None or not where.any():
+            return
+        state = self.optimizer.state.get(p)
+        if not state:
+            return
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                v.masked_fill_(where, 0)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep masked weights at 0.0 under ``optimizer``: grads masked before each step, weights after."""
+        self.detach_optimizer()
+        self.optimizer = optimizer
+        self._opt_hooks = [optimizer.register_step_pre_hook(lambda *a: self.before_step()),
+                           optimizer.register_step_post_hook(lambda *a: self.apply())]
+        for m in self.layers.values():  # state may hold values from before the masks existed
+            self._clear_state(m.weight, ~m.weight_mask)
+
+    def detach_optimizer(self) -> None:
+        for h in self._opt_hooks:
+            h.remove()
+        self._opt_hooks = []
+        self.optimizer = None
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Show dense gradients to the hooks that want them (regrowth scores), then mask them."""
+        for name, m in self.layers.items():
+            g = m.weight.grad
+            if g is None:
+                continue
+            for hook in self.dense_grad_hooks:
+                hook(name, m, g)
+            g.mul_(m.weight_mask)
+
+    # ------------------------------------------------------------------------------------ unit masks
+    @property
+    def groups(self) -> list[UnitGroup]:
+        """The model's spiking layers and the weights tied to their units (see :mod:`spikeprune.graph`)."""
+        if self._groups is None:
+            x = self._example
+            if x is None:
+                if not hasattr(self.model, "example_input"):
+                    raise ValueError("unit masks need an example_input to analyse the model")
+                x = self.model.example_input(2)
+            x = x.to(next(self.model.parameters()).device)
+            self._groups = analyze(self.model, x)
+        return self._groups
+
+    def unit_groups(self) -> list[UnitGroup]:
+        """Groups whose units can be masked (private producers, not the output layer)."""
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, neuron: str) -> UnitGroup:
+        for g in self.groups:
+            if g.neuron == neuron:
+                return g
+        raise ValueError(f"{neuron!r} is not a spiking layer of the model")
+
+    def enable_units(self, neurons: Iterable[str] | None = None) -> list[str]:
+        """Give each prunable spiking layer a ``unit_mask`` buffer and the hook that applies it."""
+        names = [g.neuron for g in self.unit_groups()] if neurons is None else list(neurons)
+        modules = dict(self.model.named_modules())
+        for n in names:
+            g = self.group(n)
+            if not g.prunable:
+                raise ValueError(f"spiking layer {n!r} cannot take a unit mask "
+                                 f"({'residual-coupled' if g.coupled else 'output layer or no producer'})")
+            mod = modules[n]
+            if getattr(mod, "unit_mask", None) is None:
+                dev = next(self.model.parameters()).device
+                mod.register_buffer("unit_mask", torch.ones(g.units, dtype=torch.bool, device=dev))
+            if n not in self._unit_hooks:
+                self._unit_hooks[n] = mod.register_forward_hook(self._unit_hook(n, len(g.unit_shape)))
+        return names
+
+    def _unit_hook(self, name: str, feat_dims: int):
+        def hook(mod, inputs, out):
+            m = mod.unit_mask.view(-1, *([1] * (feat_dims - 1))).to(out.dtype)
+            y = out * m
+            if self.track_unit_grad and torch.is_grad_enabled() and y.requires_grad:
+                s = out.detach()
+                dims = [d for d in range(y.dim()) if d != y.dim() - feat_dims]
+
+                def grad_hook(gy):
+                    acc = (gy * s).sum(dims).abs()
+                    self.unit_grad[name] = self.unit_grad.get(name, 0) + acc.detach()
+
+                y.register_hook(grad_hook)
+            return y
+
+        return hook
+
+    def unit_mask(self, neuron: str) -> torch.Tensor:
+        return dict(self.model.named_modules())[neuron].unit_mask
+
+    def unit_masks(self) -> dict[str, torch.Tensor]:
+        modules = dict(self.model.named_modules())
+        return {n: modules[n].unit_mask for n in self._unit_hooks}
+
+    @torch.no_grad()
+    def set_unit_mask(self, neuron: str, mask: torch.Tensor) -> None:
+        um = self.unit_mask(neuron)
+        if mask.shape != um.shape:
+            raise ValueError(f"unit mask for {neuron} has shape {tuple(mask.shape)}, expected {tuple(um.shape)}")
+        um.copy_(mask.to(torch.bool))
+
+    def pop_unit_grad(self) -> dict[str, torch.Tensor]:
+        """Accumulated ``|∂L/∂gate|`` per unit since the last call, averaged over ranks."""
+        out = {n: dist.all_mean(g.clone()) for n, g in self.unit_grad.items()}
+        self.unit_grad = {}
+        return out
+
+    # ------------------------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Every synaptic layer's weight with connection masks and dead units folded in (rows of dead units
+        zeroed in their producers, columns zeroed in their consumers)."""
+        modules = dict(self.model.named_modules())
+        out = {n: m.weight.detach().clone() for n, m in modules.items() if isinstance(m, SYNAPTIC)}
+        for n, m in self.layers.items():
+            out[n].mul_(m.weight_mask)
+        fold_units(out, self.groups, modules)
+        return out
+
+    def density(self) -> float:
+        """Fraction of non-zero prunable weights, counted from the (effective) weights themselves."""
+        eff = self.effective_weights()
+        nz = sum(int((eff[n] != 0).sum()) for n in self.layers)
+        return nz / max(1, sum(eff[n].numel() for n in self.layers))
+
+    def mask_checksum(self) -> torch.Tensor:
+        """A cheap fingerprint of every mask (compared across DDP ranks after each update)."""
+        dev = next(self.model.parameters()).device
+        acc = torch.zeros(2, dtype=torch.float64, device=dev)
+        for i, m in enumerate([*self.masks().values(), *self.unit_masks().values()]):
+            f = m.flatten().to(torch.float64)
+            acc[0] += f.sum()
+            acc[1] += (f * torch.arange(1, f.numel() + 1, device=dev, dtype=torch.float64)).sum() * (i + 1) % 1e9
+        return acc
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Make every mask permanent: fold them into the weights and drop the buffers and hooks."""
+        eff = self.effective_weights()
+        modules = dict(self.model.named_modules())
+        for n, w in eff.items():
+            modules[n].weight.copy_(w)
+        for g in self.groups:
+            mod = modules[g.neuron]
+            if getattr(mod, "unit_mask", None) is not None:
+                dead = ~mod.unit_mask
+                for p in g.producers:
+                    if modules[p].bias is not None:
+                        modules[p].bias[dead] = 0
+                for b in g.norms:
+                    bn = modules[b]
+                    if bn.weight is not None:
+                        bn.weight[dead] = 0
+                        bn.bias[dead] = 0
+        self.detach_optimizer()
+        for h in self._unit_hooks.values():
+            h.remove()
+        for n in list(self._unit_hooks):
+            del modules[n]._buffers["unit_mask"]
+        self._unit_hooks = {}
+        for m in self.layers.values():
+            del m._buffers["weight_mask"]
+        self.layers = {}
+
+    def reattach(self) -> None:
+        """Re-register unit hooks after a ``load_state_dict`` created the buffers (resume)."""
+        for n, mod in self.model.named_modules():
+            if is_neuron(mod) and getattr(mod, "unit_mask", None) is not None and n not in self._unit_hooks:
+                self.enable_units([n])
+
+
+@torch.no_grad()
+def fold_units(weights: dict[str, torch.Tensor], groups: list[UnitGroup], modules: dict[str, nn.Module]) -> None:
+    """Zero, in ``weights``, the fan-in rows and fan-out columns of every unit whose ``unit_mask`` is off."""
+    for g in groups:
+        um = getattr(modules[g.neuron], "unit_mask", None)
+        if um is None or bool(um.all()):
+            continue
+        dead = ~um.to(torch.bool)
+        for p in g.producers:
+            weights[p][dead] = 0
+        for c, span in g.consumers:
+            cols = dead[unit_index(g.units, span).to(dead.device)]
+            weights[c][:, cols] = 0
+
+
+# ------------------------------------------------------------------------------------ initial masks
+def random_mask(shape, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bool mask with exactly ``round(density * numel)`` ones at uniformly random places."""
+    n = math.prod(shape)
+    k = int(round(density * n))
+    idx = torch.randperm(n, generator=generator)[:k]
+    m = torch.zeros(n, dtype=torch.bool)
+    m[idx] = True
+    return m.view(shape)
+
+
+def erk_densities(shapes: dict[str, tuple[int, ...]], density: float, kernel: bool = True) -> dict[str, float]:
+    """Per-layer densities of the Erdős–Rényi(-Kernel) rule with overall ``density`` (Evci et al. 2020):
+    ``d_l ∝ (sum of dims) / (product of dims)``, layers that would exceed 1 kept dense and the rest rescaled."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(math.prod(s) for s in shapes.values())
+        budget -= sum(math.prod(shapes[n]) for n in dense)
+        raw = {n: (sum(s) if kernel else sum(s[:2])) / math.prod(s) for n, s in shapes.items() if n not in dense}
+        eps = budget / sum(raw[n] * math.prod(shapes[n]) for n in raw)
+        over = [n for n in raw if eps * raw[n] > 1]
+        if not over:
+            out = {n: eps * r for n, r in raw.items()}
+            out.update({n: 1.0 for n in dense})
+            return out
+        dense.update(over)
+
+
+def init_masks(engine: MaskEngine, kind: str, density: float, generator: torch.Generator | None = None) -> None:
+    """Initial connection masks: ``dense``, ``uniform`` (same density per layer), ``er`` or ``erk``."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    shapes = {n: tuple(m.weight.shape) for n, m in engine.layers.items()}
+    if kind == "dense":
+        dens = {n: 1.0 for n in shapes}
+    elif kind == "uniform":
+        dens = {n: density for n in shapes}
+    elif kind in ("er", "erk"):
+        dens = erk_densities(shapes, density, kernel=kind == "erk")
+    else:
+        raise ValueError(f"init must be one of ['dense', 'uniform', 'er', 'erk'], got {kind!r}")
+    for n, s in shapes.items():
+        engine.set_mask(n, random_mask(s, dens[n], generator))

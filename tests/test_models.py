@@ -1,0 +1,94 @@
+"""Model zoo: shapes, input validation, weight counts, registry errors and backward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spikeprune.layers import BatchNorm2d, Conv2d, Repeat
+from spikeprune.models import create_model, list_models
+
+BIG = {"cifarnet", "vgg_snn", "resnet19", "sew_resnet18"}
+
+
+def weight_count(model: nn.Module) -> int:
+    """Number of conv/linear weights."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_zoo_is_complete():
+    assert set(list_models()) >= {"fc2", "fc3", "convnet", "lenet5", "cifarnet", "vgg_snn", "resnet19",
+                                  "sew_resnet18"}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_bad_input(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    model.set_T(2)
+    batch = 1 if name in BIG else 2
+    with torch.no_grad():
+        out = model(model.example_input(batch))
+    assert out.shape == (2, batch, model.num_classes)
+    assert torch.isfinite(out).all()
+    wrong = torch.rand(batch, model.in_shape[0] + 1, *model.in_shape[1:])
+    expected = ", ".join(map(str, model.in_shape)) + "]"
+    with pytest.raises(ValueError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        model(wrong)
+
+
+@pytest.mark.parametrize("name, expected", [("resnet19", 12.6e6), ("vgg_snn", 9.2e6), ("cifarnet", 36.7e6)])
+def test_weight_counts(name, expected):
+    n = weight_count(create_model(name))
+    print(name, n)
+    assert abs(n - expected) / expected < 0.02
+
+
+def test_fc3_weight_count_exact():
+    assert weight_count(create_model("fc3")) == 784 * 800 + 800 * 800 + 800 * 10
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="nope"):
+        create_model("nope")
+    with pytest.raises(ValueError, match="bogus"):
+        create_model("fc3", bogus=1)
+
+
+@pytest.mark.parametrize("name", ["resnet19", "sew_resnet18"])
+def test_residual_direct_stem_is_static(name):
+    body = create_model(name, image_size=8).body
+    assert [type(m) for m in body[:3]] == [Conv2d, BatchNorm2d, Repeat]
+
+
+def test_sew_imagenet_stem_and_events():
+    model = create_model("sew_resnet18", image_size=96, T=1, num_classes=5)
+    assert any(isinstance(m, nn.MaxPool2d) for m in model.body[:5])
+    with torch.no_grad():
+        assert model(model.example_input(1)).shape == (1, 1, 5)
+    events = create_model("resnet19", image_size=8, in_channels=2, T=2, encoding="events")
+    with torch.no_grad():
+        assert events(events.example_input(2)).shape == (2, 2, 10)
+    with pytest.raises(ValueError, match=r"\[B, T, 2, 8, 8\]"):
+        events(torch.rand(2, 2, 8, 8))
+
+
+@pytest.mark.parametrize("bn, image_size", [(False, 28), (True, 32)])
+def test_lenet5_variants(bn, image_size):
+    model = create_model("lenet5", bn=bn, image_size=image_size, T=2)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bn
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        assert model(model.example_input(2)).shape == (2, 2, 10)
+
+
+@pytest.mark.parametrize("name, kwargs", [("convnet", {}), ("resnet19", {"image_size": 8})])
+def test_backward_reaches_every_weight(name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, T=2, **kwargs)
+    out = model(model.example_input(2))
+    nn.functional.cross_entropy(out.mean(0), torch.tensor([0, 1])).backward()
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            assert mod.weight.grad is not None and torch.isfinite(mod.weight.grad).all()
