@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every recipe")
     p.add_argument("--data-root", help="directory holding the dataset files")
     p.add_argument("--out", help="also write the table (Markdown) and rows (CSV) to this path prefix")
+    p.add_argument("--reuse", action="store_true",
+                   help="skip recipes whose run directory already holds results of the same config")
     sub.add_parser("list", help="list registered models, datasets and methods")
     return parser
 
@@ -63,8 +65,14 @@ def _load(args) -> object:
 
     overrides = list(args.set)
     if getattr(args, "data_root", None):
-        overrides.append(f"data.root={args.data_root}")
+        overrides.append(_root_override(args.data_root))
     return load_config(args.config, overrides)
+
+
+def _root_override(root: str) -> str:
+    """``data.root=...`` with the path quoted: override values are parsed as YAML, and a path such as
+    ``/data/a #1``, ``null`` or ``123`` must stay that literal string."""
+    return f"data.root={json.dumps(str(root))}"
 
 
 def _load_run(run_dir: str, data_root: str | None):
@@ -191,16 +199,27 @@ def _dispatch(args) -> int:
     raise ValueError(f"unknown command {args.command!r}")
 
 
+def _finished_with(cfg) -> bool:
+    """True if ``cfg.run_dir`` holds results of exactly this config."""
+    from .config import to_dict
+
+    rd = cfg.run_dir
+    if not (rd / "results.json").is_file() or not (rd / "config.json").is_file():
+        return False
+    return json.loads((rd / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+
+
 def _compare(args) -> int:
     from .config import load_config
     from .train import Trainer, summary_table
 
     rows = []
     for path in args.configs:
-        overrides = list(args.set) + ([f"data.root={args.data_root}"] if args.data_root else [])
+        overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
         cfg = load_config(path, overrides)
         print(f"== {cfg.name} ({(cfg.method or {}).get('name', 'dense')})", flush=True)
-        Trainer(cfg).fit()
+        if not (args.reuse and _finished_with(cfg)):
+            Trainer(cfg).fit()
         rows.append(json.loads((cfg.run_dir / "results.json").read_text()))
     table = summary_table(rows, baseline=rows[0])
     print("\n" + table)

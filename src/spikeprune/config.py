@@ -31,6 +31,12 @@ class ModelConfig:
 
     def validate(self, key: str) -> None:
         _check(self.T >= 1, f"{key}.T", f"must be >= 1, got {self.T}")
+        from .neurons import make_neuron
+
+        try:  # neuron options are checked now, not when the model is built
+            make_neuron(self.neuron)
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}.neuron' is invalid: {e}") from None
 
 
 @dataclass
@@ -46,6 +52,7 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _check(0.0 <= self.val_split < 1.0, f"{key}.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(self.subset is None or self.subset >= 1, f"{key}.subset", "must be >= 1 or null")
 
@@ -82,6 +89,12 @@ class TrainConfig:
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), f"{key}.device",
                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+        _check(self.step_size >= 1, f"{key}.step_size", f"must be >= 1, got {self.step_size}")
+        _check(self.gamma > 0, f"{key}.gamma", f"must be > 0, got {self.gamma}")
+        _check(0 <= self.tet_lambda <= 1, f"{key}.tet_lambda", f"must be in [0, 1], got {self.tet_lambda}")
+        _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, f"{key}.max_steps_per_epoch",
+               "must be >= 1 or null")
 
 
 @dataclass
@@ -91,7 +104,9 @@ class MeasureConfig:
     max_batches: int | None = None
 
     def validate(self, key: str) -> None:
-        _check(self.pj_per_ac >= 0 and self.pj_per_mac >= 0, key, "energies must be >= 0")
+        _check(self.pj_per_ac >= 0, f"{key}.pj_per_ac", f"must be >= 0, got {self.pj_per_ac}")
+        _check(self.pj_per_mac >= 0, f"{key}.pj_per_mac", f"must be >= 0, got {self.pj_per_mac}")
+        _check(self.max_batches is None or self.max_batches >= 1, f"{key}.max_batches", "must be >= 1 or null")
 
 
 @dataclass

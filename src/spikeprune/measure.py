@@ -7,7 +7,8 @@
   positions, averaged per sample. A layer whose input is not binary (the direct-encoded first layer) counts
   **MACs** instead, over its non-zero weights. **Dense SOPs** use all weights, as most tools do.
 * **energy**: ``pj_per_ac * SOPs + pj_per_mac * MACs`` (45 nm figures 0.9 / 4.6 pJ by default).
-* **firing rate**: emitted spikes / (T × units × samples), per spiking layer and overall.
+* **firing rate**: emitted spikes / (T × neurons × samples), per spiking layer and overall (every neuron,
+  i.e. every channel at every position, weighs the same; not an average of per-layer rates).
 
 The per-layer fan-out of every input position is computed once as the input-gradient of a convolution with
 all-ones output gradient and the binary weight map, so SOPs cost one multiply-add per input element.
@@ -159,6 +160,7 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     fan_cache: dict = {}
     spk_sum: dict[str, torch.Tensor] = {}
     spk_cnt: dict[str, float] = {}
+    spk_total = [0.0, 0]  # all emitted spikes, all neuron-steps (T x neurons x samples, positions included)
     hooks = []
 
     def syn_hook(name):
@@ -192,6 +194,8 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
             per_unit = s.transpose(0, unit_dim).reshape(s.shape[unit_dim], -1).mean(1)
             spk_sum[name] = spk_sum.get(name, 0) + per_unit * (s.numel() // s.shape[unit_dim])
             spk_cnt[name] = spk_cnt.get(name, 0) + s.numel() // s.shape[unit_dim]
+            spk_total[0] += float(s.sum())
+            spk_total[1] += s.numel()
         return hook
 
     for n, m in modules.items():
@@ -243,14 +247,13 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     other = _other_params(model, eff)
     sops = sum(l.sops for l in layers.values())
     macs = sum(l.macs for l in layers.values())
-    fr_num = sum(s.firing_rate * s.units for s in spiking)
     return Measurement(
         accuracy=correct / n if has_labels else None, samples=samples, weights=weights, nonzero=nonzero,
         params=sum(l.nonzero for l in layers.values()) + other, sops=sops,
         dense_sops=sum(l.dense_sops for l in layers.values()), macs=macs,
         dense_macs=sum(l.dense_macs for l in layers.values()),
-        energy_uj=(pj_per_ac * sops + pj_per_mac * macs) * 1e-6, firing_rate=fr_num / max(1, sum(
-            s.units for s in spiking)), neurons=sum(s.units for s in spiking),
+        energy_uj=(pj_per_ac * sops + pj_per_mac * macs) * 1e-6,
+        firing_rate=spk_total[0] / max(1, spk_total[1]), neurons=sum(s.units for s in spiking),
         neurons_alive=sum(s.alive for s in spiking), layers=list(layers.values()), spiking=spiking,
         pj_per_ac=pj_per_ac, pj_per_mac=pj_per_mac)
 

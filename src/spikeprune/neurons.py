@@ -133,13 +133,17 @@ class _MultiStep(torch.autograd.Function):
             spike = h >= v_th
             s_seq[t] = spike
             v = h - v_th * s_seq[t] if v_reset is None else h.masked_fill(spike, v_reset)
-        ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else torch.tensor(k), v0)
+        # a constant decay stays a Python float: a float32 copy would make float64 gradients inexact
+        ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else None, v0)
+        ctx.k_const = None if torch.is_tensor(k) else float(k)
         ctx.cfg = (kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad)
         return s_seq, h_seq, v
 
     @staticmethod
     def backward(ctx, g_s, g_h_out, g_v_last):
         h_seq, k, v0 = ctx.saved_tensors
+        if k is None:
+            k = ctx.k_const
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
         a, b = _coeffs(kind, k, decay_input)
         g_x = torch.empty_like(h_seq)

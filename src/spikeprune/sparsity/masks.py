@@ -339,3 +339,27 @@ def init_masks(engine: MaskEngine, kind: str, density: float, generator: torch.G
         raise ValueError(f"init must be one of ['dense', 'uniform', 'er', 'erk'], got {kind!r}")
     for n, s in shapes.items():
         engine.set_mask(n, random_mask(s, dens[n], generator))
+
+
+def select_per_row(score: torch.Tensor, k: torch.Tensor | int, candidates: torch.Tensor,
+                   largest: bool = True) -> torch.Tensor:
+    """Bool mask choosing, in each row of ``score``, the ``k[row]`` best entries among ``candidates``
+    (largest or smallest scores; ties broken by position). Rows with fewer candidates take them all."""
+    score = score.reshape(candidates.shape[0], -1)
+    cand = candidates.reshape(score.shape)
+    fill = float("-inf") if largest else float("inf")
+    s = score.float().masked_fill(~cand, fill)
+    order = torch.argsort(s, dim=1, descending=largest, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order).contiguous())
+    k = torch.as_tensor(k, device=s.device).reshape(-1, 1) if torch.is_tensor(k) else torch.tensor([[k]], device=s.device)
+    return ((ranks < k) & cand).reshape(candidates.shape)
+
+
+def scope_view(t: torch.Tensor, scope: str) -> torch.Tensor:
+    """``[rows, cols]`` view for a scope: one row per output unit (``neuron``) or one row (``layer``)."""
+    if scope == "neuron":
+        return t.reshape(t.shape[0], -1)
+    if scope == "layer":
+        return t.reshape(1, -1)
+    raise ValueError(f"scope must be 'layer' or 'neuron' here, got {scope!r}")

@@ -1,0 +1,155 @@
+"""PQ-index structure learning (Shen, Xu, Pan, Chen, ICLR 2025): a two-stage rewiring loop.
+
+Training starts sparse from an ER/ERK mask at ``init_density`` (0.5). Training is cut into iterations of
+``epochs_per_iteration`` epochs. Every ``epoch_frequency`` epochs inside an iteration:
+
+* **Stage I**: for each scope (a whole layer, or each output neuron with ``scope: neuron``) the PQ index
+  ``I_{p,q}`` of the active weights gives the SAP bound ``r`` and the rewiring ratio
+  ``c = clamp(γ(1 − r/d), 0, β)``;
+* **Stage II**: the ``⌊c·d⌋`` smallest-magnitude active weights are pruned and as many inactive ones with the
+  largest dense-gradient momentum are regrown at 0 (density unchanged: topology exploration).
+
+At the end of each iteration the SAP *net* prune removes ``⌊c·d⌋`` weights per scope without regrowth, so the
+density falls about 15% per iteration for Gaussian-like weights (0.5 → 0.42 → 0.36 → 0.30 …). Each iteration's
+accuracy and density are recorded; with ``select: val_acc`` the best iteration (on the validation split) is
+restored at the end, and ``target_density`` stops the net pruning once reached.
+
+Left open by the paper and chosen here [R] (methods.md §4.2): p=0.5, q=1, γ=1, β=0.9, η_r=0.001, the epochs per
+iteration, ``epoch_frequency``, equal prune/regrow counts inside an iteration with the SAP net prune at its end,
+no rewinding, and momentum = EMA(0.9) of the dense gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..masks import init_masks, scope_view, select_per_row
+from ..scores import GradientMomentum, pq_index, sap_prune_count
+from . import register_method
+from ._base import Method, MethodConfig
+
+
+@dataclass
+class PQRewireConfig(MethodConfig):
+    scope: Literal["layer", "neuron"] = "layer"
+    p: float = 0.5
+    q: float = 1.0
+    eta: float = 0.001
+    gamma: float = 1.0
+    beta: float = 0.9
+    init: Literal["er", "erk", "uniform"] = "erk"
+    init_density: float = 0.5
+    epochs_per_iteration: int = 3
+    epoch_frequency: int = 1
+    momentum: float = 0.9
+    target_density: float | None = None
+    select: Literal["last", "val_acc"] = "last"
+
+    def validate(self, key: str) -> None:
+        self.check(0 < self.p < self.q, f"{key}.p", f"and q must satisfy 0 < p < q, got p={self.p}, q={self.q}")
+        self.check(self.eta >= 0, f"{key}.eta", "must be >= 0")
+        self.check(self.gamma > 0, f"{key}.gamma", "must be > 0")
+        self.check(0 < self.beta < 1, f"{key}.beta", f"must be in (0, 1), got {self.beta}")
+        self.check(0 < self.init_density <= 1, f"{key}.init_density", f"must be in (0, 1], got {self.init_density}")
+        self.check(self.epochs_per_iteration >= 1, f"{key}.epochs_per_iteration", "must be >= 1")
+        self.check(self.epoch_frequency >= 1, f"{key}.epoch_frequency", "must be >= 1")
+        self.check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        self.check(self.target_density is None or 0 < self.target_density < 1, f"{key}.target_density",
+                   "must be in (0, 1) or null")
+
+
+@register_method("pq_rewire")
+class PQRewire(Method):
+    Config = PQRewireConfig
+    name = "pq_rewire"
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        if self.cfg.select == "val_acc" and trainer.val_loader is None:
+            from ...config import ConfigError
+
+            raise ConfigError("config key 'method.select' is val_acc but data.val_split is 0: set data.val_split")
+        self.momentum = GradientMomentum(self.cfg.momentum)
+        self.engine.dense_grad_hooks.append(self.momentum)
+        self.best_state: dict | None = None
+
+    def on_train_start(self, trainer: Any) -> None:
+        init_masks(self.engine, self.cfg.init, self.cfg.init_density, self.generator)
+
+    # ------------------------------------------------------------------------------ the two stages
+    def _counts(self, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Stage I: per-scope number of weights to rewire (or prune), from the PQ index."""
+        c = self.cfg
+        wv, mv = scope_view(w, c.scope), scope_view(m, c.scope)
+        idx = pq_index(wv, c.p, c.q, mask=mv, dim=1)
+        return sap_prune_count(mv.sum(1), idx, c.eta, c.gamma, c.beta, c.p, c.q)
+
+    @torch.no_grad()
+    def rewire(self, regrow: bool) -> dict:
+        """Prune ⌊c·d⌋ smallest active weights per scope; regrow as many by momentum when ``regrow``."""
+        moved = pruned = 0
+        for name, layer in self.engine.layers.items():
+            w, m = layer.weight, self.engine.mask(name)
+            k = self._counts(w, m)
+            mv = scope_view(m, self.cfg.scope)
+            drop = select_per_row(scope_view(w.abs(), self.cfg.scope), k, mv, largest=False)
+            new = mv & ~drop
+            if regrow:
+                mom = self.momentum.buf.get(name)
+                score = scope_view(mom.abs() if mom is not None else torch.rand_like(w), self.cfg.scope)
+                grow = select_per_row(score, drop.sum(1), ~mv, largest=True)
+                new = new | grow
+                moved += int(grow.sum())
+            pruned += int(drop.sum())
+            self.engine.set_mask(name, new.reshape(m.shape))
+        return {"pruned": pruned, "regrown": moved}
+
+    # --------------------------------------------------------------------------------- schedule
+    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+        c = self.cfg
+        j = trainer.epoch % c.epochs_per_iteration + 1  # epoch within the iteration, 1-based
+        last_epoch = trainer.epoch + 1 >= trainer.cfg.train.epochs
+        if j < c.epochs_per_iteration:
+            if j % c.epoch_frequency == 0 and not last_epoch:
+                self.rewire(regrow=True)
+            return
+        # end of an iteration: record it, then the SAP net prune
+        dens = self.engine.density()
+        rec = {"iteration": len(self.history) + 1, "epoch": trainer.epoch + 1, "density": dens,
+               "test_acc": metrics.get("test_acc"), "val_acc": metrics.get("val_acc")}
+        self.history.append(rec)
+        trainer.log(f"  pq_rewire iteration {rec['iteration']}: density {100 * dens:.2f}%"
+                    + (f", val {100 * rec['val_acc']:.2f}%" if rec["val_acc"] is not None else "")
+                    + (f", test {100 * rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""))
+        if c.select == "val_acc":
+            best = max(h["val_acc"] for h in self.history)
+            if rec["val_acc"] >= best:
+                self.best_state = copy.deepcopy({k: v.cpu() for k, v in self.engine.model.state_dict().items()})
+                rec["best"] = True
+        reached = c.target_density is not None and dens <= c.target_density
+        if not last_epoch and not reached:
+            self.rewire(regrow=False)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.cfg.select == "val_acc" and self.best_state is not None:
+            self.engine.model.load_state_dict(self.best_state)
+            best = next(h for h in reversed(self.history) if h.get("best"))
+            trainer.log(f"  pq_rewire: restored iteration {best['iteration']} (best validation accuracy)")
+
+    def trajectory(self) -> str:
+        """The per-iteration density trajectory, one line."""
+        return " -> ".join(f"{100 * h['density']:.1f}%" for h in self.history)
+
+    def summary(self) -> dict:
+        return {"iterations": self.history, "trajectory": self.trajectory()}
+
+    def extra_state(self) -> dict:
+        return {"momentum": self.momentum.state_dict(), "best_state": self.best_state}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.momentum.load_state_dict(state.get("momentum", {}))
+        self.best_state = state.get("best_state")
