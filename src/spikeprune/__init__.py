@@ -1,3 +1,17 @@
-"""spikeprune: learn the sparse structure of spiking neural networks during training."""
+"""spikeprune: learn the sparse structure of spiking neural networks during training.
+
+>>> from spikeprune import create_model, load_config, Trainer, measure
+"""
+
+from .compact import compact
+from .config import load_config
+from .data import build_loaders, create_dataset, list_datasets
+from .measure import measure
+from .models import create_model, list_models
+from .sparsity import MaskEngine, create_method, list_methods
+from .train import Trainer
 
 __version__ = "0.1.0"
+
+__all__ = ["create_model", "list_models", "create_dataset", "build_loaders", "list_datasets", "MaskEngine",
+           "create_method", "list_methods", "measure", "compact", "load_config", "Trainer", "__version__"]

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -214,7 +215,7 @@ class Trainer:
         seen = 0
         skip = self.step_in_epoch
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and dist.is_main()), dynamic_ncols=True)
+                   disable=not (cfg.progress and dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
