@@ -24,17 +24,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read (missing, truncated, or failing its checksum)."""
 
 
-def save(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` atomically to ``path`` (temp file, fsync, rename)."""
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync of the folder. A crash leaves the old
+    file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +45,14 @@ def save(obj: Any, path: str | Path) -> Path:
     finally:
         os.close(dfd)
     return path
+
+
+def save(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` atomically to ``path`` (temp file, fsync, rename) with its checksum."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    return atomic_write(path, MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load(path: str | Path, map_location: Any = "cpu") -> Any:

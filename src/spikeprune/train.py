@@ -8,11 +8,13 @@ trains, evaluates every epoch, writes ``metrics.jsonl``/``metrics.csv`` and atom
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -90,11 +92,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
+    # RNG states must be CPU byte tensors; a checkpoint loaded with map_location="cuda" holds them on the GPU
+    torch.set_rng_state(st["torch"].cpu())
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
 class Trainer:
@@ -103,8 +106,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module | None = None, loaders: tuple | None = None,
                  callbacks: list[Callback] | None = None, method: Callback | None = None, log=print):
         self.cfg = cfg
+        dist.init_from_env()  # first: is_main() below must know this process's rank
         self.log = log if dist.is_main() else (lambda *a, **k: None)
-        dist.init_from_env()
         self.device = pick_device(cfg.train.device)
         if dist.is_dist() and self.device.type == "cuda":
             import os
@@ -142,6 +145,9 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
+        self._acc: dict | None = None  # running train loss/accuracy sums of the current epoch (checkpointed)
+        self._stop = False  # set by Ctrl-C: stop and save at the next step boundary
+        self._stopped_cleanly = False
         self.run_dir = Path(cfg.run_dir)
         for c in self.callbacks:
             c.setup(self)
@@ -167,9 +173,10 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "callbacks": [c.state_dict() for c in self.callbacks], "rng": rng_state(),
+                "callbacks": [c.state_dict() for c in self.callbacks],
+                "callback_types": [type(c).__name__ for c in self.callbacks], "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "history": self.history, "config": to_dict(self.cfg)}
+                "epoch_acc": self._acc, "history": self.history, "config": to_dict(self.cfg)}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -178,15 +185,53 @@ class Trainer:
             self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        for c, s in zip(self.callbacks, st.get("callbacks", [])):
+        for c, s in self._callback_states(st):
+            if isinstance(s, dict) and torch.is_tensor(s.get("generator")):  # generators take CPU states only
+                s = {**s, "generator": s["generator"].cpu()}
             c.load_state_dict(s)
         if self.method is not None and getattr(self.method, "engine", None) is not None:
             self.method.engine.reattach()
         set_rng_state(st["rng"])
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.global_step, self.history = st["global_step"], st["history"]
+        self._acc = st.get("epoch_acc")
+
+    def _callback_states(self, st: dict) -> list[tuple[Callback, Any]]:
+        """Pair each callback with its saved state by type, so a resumed run may add or drop callbacks (e.g. a
+        logger) without the method's state landing in the wrong one."""
+        states, types = st.get("callbacks", []), st.get("callback_types")
+        if types is None or len(types) != len(states):  # older checkpoints: by position
+            return list(zip(self.callbacks, states))
+        pool, pairs = list(zip(types, states)), []
+        for c in self.callbacks:
+            k = next((i for i, (t, _) in enumerate(pool) if t == type(c).__name__), None)
+            if k is None:
+                self.log(f"warning: the checkpoint holds no state for callback {type(c).__name__}; it starts fresh")
+                continue
+            pairs.append((c, pool.pop(k)[1]))
+        return pairs
+
+    def _where(self) -> str:
+        if self.step_in_epoch == 0:
+            return f"at the end of epoch {self.epoch}"
+        return f"at epoch {self.epoch + 1}, step {self.step_in_epoch}"
+
+    def _last_good(self) -> str:
+        found = ckpt.list_checkpoints(self.run_dir) if dist.is_main() else []
+        return f"the last good checkpoint is {found[0]}" if found else f"no checkpoint in {self.run_dir} yet"
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingError` if a weight or buffer holds NaN/inf (run on every rank)."""
+        bad = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise TrainingError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                                f"{self._where()}; not checkpointing them, {self._last_good()} (lower train.lr "
+                                "or enable train.grad_clip)")
 
     def save(self) -> None:
+        """Checkpoint the whole training state (rotating files); refuses non-finite weights (TrainingError)."""
+        self.check_finite()  # on every rank, so DDP ranks stop together
         if dist.is_main():
             try:
                 ckpt.save_rotating(self.state(), self.run_dir, self.global_step, self.cfg.train.keep_checkpoints)
@@ -198,6 +243,10 @@ class Trainer:
         if not ckpt.list_checkpoints(self.run_dir):
             return False
         st, path = ckpt.load_latest(self.run_dir, map_location=self.device, warn=self.log)
+        saved, now = json.loads(json.dumps(st.get("config") or {})), json.loads(json.dumps(to_dict(self.cfg)))
+        changed = [k for k in ("seed", "model", "method") if k in saved and saved[k] != now[k]]
+        if changed:
+            self.log(f"warning: {path} was saved with a different {', '.join(changed)} than this run's config")
         self.load_state(st)
         self.log(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of it)")
         return True
@@ -210,9 +259,10 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.epoch)
         n_batches = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        tot_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
+        if self.step_in_epoch == 0 or self._acc is None:  # a resumed epoch continues its sums
+            self._acc = {"loss": torch.zeros((), device=self.device),
+                         "correct": torch.zeros((), device=self.device, dtype=torch.long), "seen": 0}
+        acc = self._acc
         skip = self.step_in_epoch
         bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
@@ -228,8 +278,7 @@ class Trainer:
                                   cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at epoch {self.epoch + 1}, step {i + 1}; "
-                                    f"last good checkpoint is in {self.run_dir} (lower train.lr or enable "
-                                    "train.grad_clip)")
+                                    f"{self._last_good()} (lower train.lr or enable train.grad_clip)")
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.scale(loss).backward()
@@ -247,15 +296,18 @@ class Trainer:
             self.step_in_epoch = i + 1
             for c in self.callbacks:
                 c.on_step_end(self)
-            tot_loss += loss.detach() * x.shape[0]
-            correct += (out.detach().mean(0).argmax(-1) == y).sum()
-            seen += x.shape[0]
+            acc["loss"] += loss.detach() * x.shape[0]
+            acc["correct"] += (out.detach().mean(0).argmax(-1) == y).sum()
+            acc["seen"] += x.shape[0]
             bar.update(1)
-            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+            saved = bool(cfg.checkpoint_every) and self.global_step % cfg.checkpoint_every == 0
+            if saved:
                 self.save()
+            if self._stop:  # Ctrl-C: the step is complete, so the state is consistent
+                self._stop_now(save=not saved)
         bar.close()
-        seen = max(seen, 1)
-        return {"train_loss": float(tot_loss) / seen, "train_acc": float(correct) / seen}
+        seen = max(acc["seen"], 1)
+        return {"train_loss": float(acc["loss"]) / seen, "train_acc": float(acc["correct"]) / seen}
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
@@ -263,6 +315,9 @@ class Trainer:
         self.model.eval()
         stats = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in loader:
+            if self._stop:
+                self.model.train()
+                self._stop_now()
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 out = self.model(x)
@@ -277,11 +332,19 @@ class Trainer:
         resumed = self.resume() if resume else False
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            if resumed:  # the metrics files may hold epochs done after the checkpoint: rewrite them
+                self._write_metrics(rewrite=True)
+            else:
+                self._clear_previous_run()
+            ckpt.atomic_write(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2).encode())
         if not resumed:
             for c in self.callbacks:
                 c.on_train_start(self)
+        self._stop = self._stopped_cleanly = False
+        catch = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
         old_handler = signal.getsignal(signal.SIGINT)
+        if catch:
+            signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while self.epoch < cfg.epochs:
                 for c in self.callbacks:
@@ -290,6 +353,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
                 metrics.update(self.train_epoch())
+                self.check_finite()  # before evaluation and mask updates see the weights
                 metrics["epoch_time_s"] = time.perf_counter() - t0
                 if self.val_loader is not None:
                     metrics["val_acc"] = self.evaluate(self.val_loader)
@@ -305,15 +369,44 @@ class Trainer:
                 self.history.append(metrics)
                 self._log_epoch(metrics)
                 self.save()
+                if self._stop:
+                    self._stop_now(save=False)
         except KeyboardInterrupt:
-            self.save()
-            self.log(f"interrupted: state saved in {self.run_dir}; continue with --resume")
+            if not self._stopped_cleanly:  # raised inside a step (2nd Ctrl-C, or by a callback): maybe torn
+                self.log(f"interrupted inside a step: the state may be half-updated and is not saved; the newest "
+                         f"checkpoint in {self.run_dir} is kept; continue with --resume")
             raise
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            if catch:
+                signal.signal(signal.SIGINT, old_handler)
         for c in self.callbacks:
             c.on_train_end(self)
         return self.final_measurement()
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._stop = True
+        self.log("interrupt: stopping after this step and saving (Ctrl-C again stops at once, without saving)")
+
+    def _stop_now(self, save: bool = True) -> None:
+        if save:
+            self.save()
+        self._stopped_cleanly = True
+        self.log(f"interrupted: state saved in {self.run_dir} ({self._where()}); continue with --resume")
+        raise KeyboardInterrupt
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a used run directory: old checkpoints would outrank the new ones in rotation and resume,
+        and old metrics/results would mix with the new run's, so they are removed."""
+        old = ckpt.list_checkpoints(self.run_dir)
+        files = [self.run_dir / f for f in ("metrics.jsonl", "metrics.csv", "results.json", "model.pt")]
+        files = [f for f in files if f.exists()]
+        if old or files:
+            self.log(f"note: starting a fresh run in {self.run_dir}: removing {len(old)} checkpoint(s) and the "
+                     "previous metrics/results (use --resume to continue a run instead)")
+        for f in [*old, *files]:
+            f.unlink(missing_ok=True)
 
     def final_measurement(self) -> Measurement:
         m = self.cfg.measure
@@ -328,8 +421,10 @@ class Trainer:
                    **result.to_dict()}
             if self.method is not None and hasattr(self.method, "summary"):
                 out["method_summary"] = self.method.summary()
-            (self.run_dir / "results.json").write_text(json.dumps(_jsonable(out), indent=2))
-            torch.save(self.model.state_dict(), self.run_dir / "model.pt")
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            ckpt.atomic_write(self.run_dir / "model.pt", buf.getvalue())
+            ckpt.atomic_write(self.run_dir / "results.json", json.dumps(_jsonable(out), indent=2).encode())
         return result
 
     def _log_epoch(self, metrics: dict) -> None:
@@ -344,9 +439,15 @@ class Trainer:
             parts.append(f"density {100 * metrics['density']:.2f}%")
         parts.append(f"{metrics['epoch_time_s']:.1f}s")
         self.log(" | ".join(parts))
+        self._write_metrics()
+
+    def _write_metrics(self, rewrite: bool = False) -> None:
+        """Append the newest epoch to ``metrics.jsonl`` (``rewrite``: write all of ``history``) and rewrite
+        ``metrics.csv`` from ``history``."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_jsonable(metrics)) + "\n")
+        rows = self.history if rewrite else self.history[-1:]
+        with open(self.run_dir / "metrics.jsonl", "w" if rewrite else "a") as f:
+            f.writelines(json.dumps(_jsonable(h)) + "\n" for h in rows)
         keys: list[str] = []
         for h in self.history:
             keys += [k for k in h if k not in keys and not isinstance(h[k], (list, dict))]

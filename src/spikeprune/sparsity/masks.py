@@ -187,8 +187,9 @@ class MaskEngine:
                 dims = [d for d in range(y.dim()) if d != y.dim() - feat_dims]
 
                 def grad_hook(gy):
-                    acc = (gy * s).sum(dims).abs()
-                    self.unit_grad[name] = self.unit_grad.get(name, 0) + acc.detach()
+                    acc = (gy * s).sum(dims).abs().detach()
+                    prev = self.unit_grad.get(name)  # may come from a CPU checkpoint (resume)
+                    self.unit_grad[name] = acc if prev is None else prev.to(acc.device) + acc
 
                 y.register_hook(grad_hook)
             return y
@@ -224,8 +225,13 @@ class MaskEngine:
         out = {n: m.weight.detach().clone() for n, m in modules.items() if isinstance(m, SYNAPTIC)}
         for n, m in self.layers.items():
             out[n].mul_(m.weight_mask)
-        fold_units(out, self.groups, modules)
+        if self._has_unit_masks(modules):  # the graph analysis needs an example input: only when units matter
+            fold_units(out, self.groups, modules)
         return out
+
+    @staticmethod
+    def _has_unit_masks(modules: dict[str, nn.Module]) -> bool:
+        return any(getattr(m, "unit_mask", None) is not None for m in modules.values())
 
     def density(self) -> float:
         """Fraction of non-zero prunable weights, counted from the (effective) weights themselves."""
@@ -250,7 +256,7 @@ class MaskEngine:
         modules = dict(self.model.named_modules())
         for n, w in eff.items():
             modules[n].weight.copy_(w)
-        for g in self.groups:
+        for g in (self.groups if self._has_unit_masks(modules) else []):
             mod = modules[g.neuron]
             if getattr(mod, "unit_mask", None) is not None:
                 dead = ~mod.unit_mask
@@ -307,20 +313,28 @@ def random_mask(shape, density: float, generator: torch.Generator | None = None)
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float, kernel: bool = True) -> dict[str, float]:
     """Per-layer densities of the Erdős–Rényi(-Kernel) rule with overall ``density`` (Evci et al. 2020):
-    ``d_l ∝ (sum of dims) / (product of dims)``, layers that would exceed 1 kept dense and the rest rescaled."""
+    ERK ``d_l ∝ (sum of dims) / (product of dims)``, ER ``d_l ∝ (n_in + n_out) / (n_in · n_out)`` (kernel size
+    ignored); layers that would exceed 1 are kept dense and the rest rescaled."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
+
+    def score(s: tuple[int, ...]) -> float:
+        if kernel:  # ERK: (n_out + n_in + k_h + k_w) / (n_out n_in k_h k_w)
+            return sum(s) / math.prod(s)
+        n_out, n_in = s[0], (s[1] if len(s) > 1 else 1)  # ER: (n_in + n_out) / (n_in n_out), kernel ignored
+        return (n_out + n_in) / (n_out * n_in)
+
+    total = sum(math.prod(s) for s in shapes.values())
     dense: set[str] = set()
     while True:
-        budget = density * sum(math.prod(s) for s in shapes.values())
-        budget -= sum(math.prod(shapes[n]) for n in dense)
-        raw = {n: (sum(s) if kernel else sum(s[:2])) / math.prod(s) for n, s in shapes.items() if n not in dense}
+        budget = density * total - sum(math.prod(shapes[n]) for n in dense)
+        raw = {n: score(s) for n, s in shapes.items() if n not in dense}
+        if not raw:  # everything dense (density 1 up to rounding)
+            return {n: 1.0 for n in shapes}
         eps = budget / sum(raw[n] * math.prod(shapes[n]) for n in raw)
-        over = [n for n in raw if eps * raw[n] > 1]
+        over = [n for n in raw if eps * raw[n] > 1 + 1e-12]
         if not over:
-            out = {n: eps * r for n, r in raw.items()}
-            out.update({n: 1.0 for n in dense})
-            return out
+            return {n: 1.0 if n in dense else min(1.0, eps * raw[n]) for n in shapes}
         dense.update(over)
 
 
@@ -352,7 +366,7 @@ def select_per_row(score: torch.Tensor, k: torch.Tensor | int, candidates: torch
     order = torch.argsort(s, dim=1, descending=largest, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order).contiguous())
-    k = torch.as_tensor(k, device=s.device).reshape(-1, 1) if torch.is_tensor(k) else torch.tensor([[k]], device=s.device)
+    k = k.to(s.device).reshape(-1, 1) if torch.is_tensor(k) else torch.tensor([[int(k)]], device=s.device)
     return ((ranks < k) & cand).reshape(candidates.shape)
 
 

@@ -94,9 +94,14 @@ class ActivityMonitor:
                 obs = self._observer(n)
                 mod.observers.append(obs)
                 self._handles.append((mod, obs))
-            else:  # foreign neuron: spikes from the output (before our unit-mask hook, registered first)
-                self._handles.append(mod.register_forward_hook(
-                    lambda m, i, o, n=n: self._update(n, o, getattr(m, "v", None))))
+            else:  # foreign neuron: spikes from the output, read before any unit-mask hook (prepended)
+                self._handles.append(mod.register_forward_hook(self._hook(n), prepend=True))
+
+    def _hook(self, name: str):
+        def hook(mod, inputs, out):
+            if mod.training:
+                self._update(name, out, getattr(mod, "v", None))
+        return hook
 
     def _observer(self, name: str):
         def obs(mod, spikes, membrane):
@@ -116,6 +121,9 @@ class ActivityMonitor:
             val = membrane.float().abs().mean(dims)
         else:
             val = spikes.float().mean(dims) + membrane.float().abs().mean(dims)
+        prev = self.sum.get(name)
+        if prev is not None and prev.device != val.device:  # loaded from a CPU checkpoint onto a GPU run
+            self.sum[name] = prev.to(val.device)
         if self.ema is None:
             self.sum[name] = self.sum.get(name, 0) + val
             self.count[name] = self.count.get(name, 0) + 1

@@ -45,7 +45,10 @@ class DynSNNConfig(MethodConfig):
         self.check(0 < self.percentile < 100, f"{key}.percentile", "must be in (0, 100)")
         self.check(self.target_compression is None or 0 <= self.target_compression < 1,
                    f"{key}.target_compression", f"must be in [0, 1) or null, got {self.target_compression}")
+        self.check(self.kappa_lr >= 0, f"{key}.kappa_lr", f"must be >= 0, got {self.kappa_lr}")
         self.check(self.update_every >= 1, f"{key}.update_every", "must be >= 1")
+        self.check(self.freeze_epoch is None or self.freeze_epoch >= 0, f"{key}.freeze_epoch",
+                   f"must be >= 0 or null, got {self.freeze_epoch}")
         self.check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
         self.check(0 <= self.min_alive <= 1, f"{key}.min_alive", "must be in [0, 1]")
 
@@ -78,8 +81,8 @@ class DynSNN(Method):
         for n in self.neurons:
             if n not in acts:
                 continue
-            a = acts[n]
             alive = self.engine.unit_mask(n)
+            a = acts[n].to(alive.device)  # (a resumed monitor holds CPU tensors)
             ref = a[alive] if alive.any() else a
             if self.cfg.threshold == "mean":
                 theta = self.kappa * ref.mean()

@@ -50,7 +50,8 @@ class PQRewireConfig(MethodConfig):
     select: Literal["last", "val_acc"] = "last"
 
     def validate(self, key: str) -> None:
-        self.check(0 < self.p < self.q, f"{key}.p", f"and q must satisfy 0 < p < q, got p={self.p}, q={self.q}")
+        self.check(self.p > 0, f"{key}.p", f"must be > 0 (0 < p < q), got {self.p}")
+        self.check(self.q > self.p, f"{key}.q", f"must be > p (0 < p < q), got p={self.p}, q={self.q}")
         self.check(self.eta >= 0, f"{key}.eta", "must be >= 0")
         self.check(self.gamma > 0, f"{key}.gamma", "must be > 0")
         self.check(0 < self.beta < 1, f"{key}.beta", f"must be in (0, 1), got {self.beta}")
@@ -100,11 +101,19 @@ class PQRewire(Method):
             new = mv & ~drop
             if regrow:
                 mom = self.momentum.buf.get(name)
-                score = scope_view(mom.abs() if mom is not None else torch.rand_like(w), self.cfg.scope)
-                grow = select_per_row(score, drop.sum(1), ~mv, largest=True)
+                if mom is None:  # no gradient seen yet: random, from the method's generator (same on all ranks)
+                    mom = torch.rand(w.shape, generator=self.generator).to(w.device)
+                score = scope_view(mom.abs(), self.cfg.scope)
+                n_drop = drop.sum(1)
+                grow = select_per_row(score, n_drop, ~mv, largest=True)
+                short = n_drop - grow.sum(1)
+                if bool((short > 0).any()):
+                    # too few inactive places (e.g. a layer ERK keeps dense): the best just-dropped weights stay,
+                    # so the scope's count is unchanged as Stage II requires
+                    grow = grow | select_per_row(score, short, drop, largest=True)
                 new = new | grow
-                moved += int(grow.sum())
-            pruned += int(drop.sum())
+                moved += int((grow & ~mv).sum())
+            pruned += int((mv & ~new).sum())
             self.engine.set_mask(name, new.reshape(m.shape))
         return {"pruned": pruned, "regrown": moved}
 

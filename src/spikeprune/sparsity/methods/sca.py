@@ -18,6 +18,7 @@ Channels of residual-coupled layers are not pruned.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,8 +42,11 @@ class SCAConfig(MethodConfig):
 
     def validate(self, key: str) -> None:
         self.check(0 < self.keep <= 1, f"{key}.keep", f"must be in (0, 1], got {self.keep}")
-        self.check(0 <= self.regrow <= 1 - self.keep, f"{key}.regrow", f"must be in [0, 1 - keep], got {self.regrow}")
+        self.check(0 <= self.regrow <= 1 - self.keep + 1e-9, f"{key}.regrow",  # 1 - 0.9 < 0.1 in floats
+                   f"must be in [0, 1 - keep], got {self.regrow}")
         self.check(self.start_epoch >= 0, f"{key}.start_epoch", "must be >= 0")
+        self.check(self.freeze_epoch is None or self.freeze_epoch >= 0, f"{key}.freeze_epoch",
+                   f"must be >= 0 or null, got {self.freeze_epoch}")
         self.check(self.l1 >= 0, f"{key}.l1", "must be >= 0")
         self.check(self.min_channels >= 1, f"{key}.min_channels", "must be >= 1")
 
@@ -89,13 +93,15 @@ class SCA(Method):
         grads = self.engine.pop_unit_grad()
         names = [n for n in self.neurons if n in acts]
         sizes = [acts[n].numel() for n in names]
-        a = torch.cat([acts[n].float() for n in names])
-        g = torch.cat([grads[n].float() if n in grads else torch.zeros(s, device=a.device)
+        dev = next(self.engine.model.parameters()).device  # statistics may come from a CPU checkpoint
+        a = torch.cat([acts[n].float().to(dev) for n in names])
+        g = torch.cat([grads[n].float().to(dev) if n in grads else torch.zeros(s, device=dev)
                        for n, s in zip(names, sizes)])
         total = a.numel()
         keep = torch.zeros(total, dtype=torch.bool, device=a.device)
-        keep[torch.topk(a, max(1, int(self.cfg.keep * total))).indices] = True
-        n_regrow = int(self.cfg.regrow * total)
+        # ⌊keep·N⌋ and ⌊regrow·N⌋, robust to float products such as 0.29 * 100 = 28.999...
+        keep[torch.topk(a, max(1, math.floor(self.cfg.keep * total + 1e-9))).indices] = True
+        n_regrow = min(math.floor(self.cfg.regrow * total + 1e-9), total - int(keep.sum()))
         if n_regrow:
             cand = torch.where(keep, torch.full_like(g, -1.0), g)
             top = torch.topk(cand, n_regrow)
@@ -103,9 +109,9 @@ class SCA(Method):
         start = 0
         for n, s in zip(names, sizes):
             m = keep[start:start + s].clone()
-            start += s
             if int(m.sum()) < min(self.cfg.min_channels, s):  # never disconnect a layer
-                m[torch.topk(acts[n], min(self.cfg.min_channels, s)).indices] = True
+                m[torch.topk(a[start:start + s], min(self.cfg.min_channels, s)).indices] = True
+            start += s
             self.engine.set_unit_mask(n, m)
         self.monitor.reset()
         kept = sum(int(self.engine.unit_mask(n).sum()) for n in self.neurons)
