@@ -122,7 +122,7 @@ def test_convnet_slices_channels_norms_flatten_and_macs():
     torch.manual_seed(0)
     model = liven(create_model("convnet", image_size=8, channels=(4, 6), hidden=10, T=2))
     x = torch.rand(4, *model.in_shape) * 4
-    dead = {"body.3": [1], "body.7": [0, 4], "body.11": [2, 3, 7]}
+    dead = {"body.4": [1], "body.8": [0, 4], "body.11": [2, 3, 7]}
     mask_model(model, x, dead)
     rates = spiking_rates(model, x)
     assert all(rates[n] > 0 for n in dead)

@@ -277,15 +277,15 @@ def test_remove_makes_masks_permanent():
     eng = MaskEngine(model)
     init_masks(eng, "uniform", 0.7, g)
     eng.enable_units()
-    eng.set_unit_mask("body.3", torch.tensor([True, False, True, True]))
-    eng.set_unit_mask("body.7", torch.tensor([False, True, True, False, True, True]))
+    eng.set_unit_mask("body.4", torch.tensor([True, False, True, True]))
+    eng.set_unit_mask("body.8", torch.tensor([False, True, True, False, True, True]))
     u = torch.ones(16, dtype=torch.bool)
     u[[0, 5, 11]] = False
     eng.set_unit_mask("body.11", u)
     model.eval()
     x = x8(8)
     spikes = []
-    model.body[4].register_forward_pre_hook(lambda m, i: spikes.append(i[0]))
+    model.body[5].register_forward_pre_hook(lambda m, i: spikes.append(i[0]))
     ref = model(x)
     eff = eng.effective_weights()
     layers = list(eng.layers)
@@ -324,7 +324,7 @@ def test_effective_weights_fold_unit_masks_by_hand():
     eng.set_mask("body.5", cm)
     eng.enable_units()
     d3, d7, d11 = [1, 3], [0, 4], [2, 7, 15]
-    for n, units, dead in (("body.3", 4, d3), ("body.7", 6, d7), ("body.11", 16, d11)):
+    for n, units, dead in (("body.4", 4, d3), ("body.8", 6, d7), ("body.11", 16, d11)):
         m = torch.ones(units, dtype=torch.bool)
         m[dead] = False
         eng.set_unit_mask(n, m)

@@ -49,7 +49,7 @@ def zoo_convnet() -> nn.Module:
                         neuron={"type": "lif", "v_threshold": 0.3})
 
 
-ZOO_WIRING = {"body.3": ("body.0", [("body.5", 1)]), "body.7": ("body.5", [("body.10", 4)]),
+ZOO_WIRING = {"body.4": ("body.0", [("body.5", 1)]), "body.8": ("body.5", [("body.10", 4)]),
               "body.11": ("body.10", [("body.12", 1)])}
 
 
@@ -183,7 +183,7 @@ def labels_of(loader):
 CASES = {
     "fc": (fc_net, FC_WIRING, (6,), {"2": [1], "4": [0, 3]}),
     "conv": (conv_net, CONV_WIRING, (1, 8, 8), {"3": [1], "5": [2], "7": [0]}),
-    "zoo_convnet": (zoo_convnet, ZOO_WIRING, (1, 8, 8), {"body.3": [2], "body.7": [1, 4], "body.11": [5]}),
+    "zoo_convnet": (zoo_convnet, ZOO_WIRING, (1, 8, 8), {"body.4": [2], "body.8": [1, 4], "body.11": [5]}),
 }
 
 

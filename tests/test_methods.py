@@ -393,15 +393,15 @@ def sca(model=None, **options):
 
 def test_sca_keep_and_regrow_by_gate_gradient():
     m, tr = sca(keep=0.4, regrow=0.2)
-    assert m.neurons == ["body.3", "body.7"]  # conv channels only (body.11 follows a Linear)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7}, count=3)
-    m.engine.unit_grad = {"body.3": torch.tensor([5.0, 0.0, 9.0, 0.4]),
-                          "body.7": torch.tensor([0.1, 100.0, 0.7, 3.0, 0.0, 0.2])}
+    assert m.neurons == ["body.4", "body.8"]  # conv channels only (body.11 follows a Linear)
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7}, count=3)
+    m.engine.unit_grad = {"body.4": torch.tensor([5.0, 0.0, 9.0, 0.4]),
+                          "body.8": torch.tensor([0.1, 100.0, 0.7, 3.0, 0.0, 0.2])}
     rec = m.update()
     # global ranking by activity, keep ⌊0.4 * 10⌋ = 4: 3:0 (.9), 7:1 (.8), 7:3 (.6), 3:2 (.5)
     # regrow ⌊0.2 * 10⌋ = 2 among the rest by |dL/dg|: 7:2 (.7), 3:3 (.4)
-    assert m.engine.unit_mask("body.3").tolist() == [True, False, True, True]
-    assert m.engine.unit_mask("body.7").tolist() == [False, True, True, True, False, False]
+    assert m.engine.unit_mask("body.4").tolist() == [True, False, True, True]
+    assert m.engine.unit_mask("body.8").tolist() == [False, True, True, True, False, False]
     assert rec == {"channels_kept": 6, "channels": 10} and m.history == [rec]
     assert m.monitor.values() == {} and m.engine.unit_grad == {}  # statistics restart after an update
     assert m.channel_fraction() == pytest.approx(0.6)
@@ -409,33 +409,33 @@ def test_sca_keep_and_regrow_by_gate_gradient():
 
 def test_sca_regrows_only_channels_with_gradient():
     m, _ = sca(keep=0.4, regrow=0.2)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7})
-    m.engine.unit_grad = {"body.3": torch.tensor([1.0, 0.0, 1.0, 0.0]),
-                          "body.7": torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 0.3])}
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
+    m.engine.unit_grad = {"body.4": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                          "body.8": torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 0.3])}
     m.update()
-    assert m.engine.unit_mask("body.3").tolist() == [True, False, True, False]
-    assert m.engine.unit_mask("body.7").tolist() == [False, True, False, True, False, True]  # only 7:5 regrown
+    assert m.engine.unit_mask("body.4").tolist() == [True, False, True, False]
+    assert m.engine.unit_mask("body.8").tolist() == [False, True, False, True, False, True]  # only 7:5 regrown
 
 
 def test_sca_masks_are_recomputed_so_channels_return():
     m, _ = sca(keep=0.4, regrow=0.0)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7})
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
     m.update()
-    assert not m.engine.unit_mask("body.7")[0]
-    set_activity(m, {"body.3": ACT3, "body.7": [2.0] + ACT7[1:]})
+    assert not m.engine.unit_mask("body.8")[0]
+    set_activity(m, {"body.4": ACT3, "body.8": [2.0] + ACT7[1:]})
     m.update()
-    assert m.engine.unit_mask("body.7")[0]  # back
-    assert m.engine.unit_mask("body.3").tolist() == [True, False, False, False]
+    assert m.engine.unit_mask("body.8")[0]  # back
+    assert m.engine.unit_mask("body.4").tolist() == [True, False, False, False]
 
 
 def test_sca_masked_channels_emit_no_spikes():
     m, tr = sca(keep=0.4, regrow=0.0)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7})
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
     m.update()
     seen = {}
     model = tr.model
-    model.body[4].register_forward_pre_hook(lambda mod, i: seen.__setitem__("body.3", i[0]))
-    model.body[8].register_forward_pre_hook(lambda mod, i: seen.__setitem__("body.7", i[0]))
+    model.body[5].register_forward_pre_hook(lambda mod, i: seen.__setitem__("body.4", i[0]))  # conv2 reads LIF1
+    model.body[9].register_forward_pre_hook(lambda mod, i: seen.__setitem__("body.8", i[0]))  # flatten reads LIF2
     model.train()
     model(x8(8))
     for n in m.neurons:
@@ -445,31 +445,31 @@ def test_sca_masked_channels_emit_no_spikes():
         assert s[:, :, um].sum() > 0
     # the monitor still saw the masked channels' would-be activity
     acts = m.monitor.values()
-    assert acts["body.3"][1] > 0 or acts["body.3"][3] > 0
+    assert acts["body.4"][1] > 0 or acts["body.4"][3] > 0
 
 
 def test_sca_min_channels():
     m, _ = sca(keep=0.1, regrow=0.0, min_channels=2)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7})
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
     m.update()
     # only 3:0 survives the global ranking; each layer is topped up with its 2 most active channels
-    assert m.engine.unit_mask("body.3").tolist() == [True, False, True, False]
-    assert m.engine.unit_mask("body.7").tolist() == [False, True, False, True, False, False]
+    assert m.engine.unit_mask("body.4").tolist() == [True, False, True, False]
+    assert m.engine.unit_mask("body.8").tolist() == [False, True, False, True, False, False]
     m, _ = sca(keep=0.1, regrow=0.0, min_channels=5)
-    set_activity(m, {"body.3": ACT3, "body.7": ACT7})
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
     m.update()
-    assert m.engine.unit_mask("body.3").all() and int(m.engine.unit_mask("body.7").sum()) == 5
+    assert m.engine.unit_mask("body.4").all() and int(m.engine.unit_mask("body.8").sum()) == 5
 
 
 def test_sca_counts_are_exact_floors():
     m, _ = sca(conv((40, 60)), keep=0.29, regrow=0.57)
     g = torch.Generator().manual_seed(0)
     a = torch.randperm(100, generator=g).float() / 100
-    set_activity(m, {"body.3": a[:40].tolist(), "body.7": a[40:].tolist()})
-    m.engine.unit_grad = {"body.3": torch.rand(40, generator=g) + 0.1, "body.7": torch.rand(60, generator=g) + 0.1}
+    set_activity(m, {"body.4": a[:40].tolist(), "body.8": a[40:].tolist()})
+    m.engine.unit_grad = {"body.4": torch.rand(40, generator=g) + 0.1, "body.8": torch.rand(60, generator=g) + 0.1}
     rec = m.update()
     assert rec["channels_kept"] == 29 + 57  # ⌊0.29 * 100⌋ + ⌊0.57 * 100⌋ (floats give 28.99.. and 56.99..)
-    kept = torch.cat([m.engine.unit_mask("body.3"), m.engine.unit_mask("body.7")])
+    kept = torch.cat([m.engine.unit_mask("body.4"), m.engine.unit_mask("body.8")])
     assert kept[a >= 0.71].all()  # the 29 most active
 
 
@@ -480,7 +480,7 @@ def test_sca_schedule_start_and_freeze():
     for e in range(6):
         tr.epoch = e
         m.on_epoch_start(tr)
-        set_activity(m, {"body.3": ACT3, "body.7": ACT7})
+        set_activity(m, {"body.4": ACT3, "body.8": ACT7})
         n = len(m.history)
         m.on_epoch_end(tr, {})
         updated.append(len(m.history) > n)

@@ -24,7 +24,9 @@ from spikeprune.train import Trainer, TrainingError
 
 # 64 samples of 8x8, batch 16: 4 steps per epoch
 SYNTH = {"n": 64, "in_shape": [1, 8, 8], "num_classes": 4}
-FC3 = {"name": "fc3", "T": 2, "options": {"hidden": [32, 24], "image_size": 8}}
+# a low threshold so the tiny fc3 (64 inputs) spikes from the start
+FC3 = {"name": "fc3", "T": 2, "neuron": {"type": "lif", "tau": 2.0, "v_threshold": 0.25},
+       "options": {"hidden": [32, 24], "image_size": 8}}
 CONVNET = {"name": "convnet", "T": 2, "options": {"channels": [4, 8], "hidden": 16, "image_size": 8}}
 PQ = {"name": "pq_rewire", "epochs_per_iteration": 1, "init_density": 0.5}
 SCA = {"name": "sca", "keep": 0.5, "regrow": 0.2, "start_epoch": 1, "l1": 1e-4}
@@ -205,28 +207,47 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         Trainer(cfg, log=lambda *a: None).fit(resume=True)
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    # resumed from ckpt-4 because ckpt-8 is corrupt: with keep=1, saving step 5 used to delete ckpt-5 and keep
+    # only the corrupt ckpt-8 (nothing left to resume from)
+    ckpt.save({"step": 4}, tmp_path / "ckpt-000000004.pt")
+    (tmp_path / "ckpt-000000008.pt").write_bytes(b"SPKP1 truncated")
+    ckpt.save_rotating({"step": 5}, tmp_path, 5, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-000000005.pt"]
+    ckpt.save_rotating({"step": 6}, tmp_path, 6, keep=2)
+    assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [6, 5]
+
+
+def test_resume_warns_about_a_different_config(tmp_path):
+    run(make(tmp_path, ("train.epochs=1",), method=PQ))
+    _, lines = run(make(tmp_path, ("train.epochs=2", "seed=5"), method=PQ), resume=True)
+    assert any("warning:" in line and "different seed" in line for line in lines)
+
+
 # --------------------------------------------------------------------------------------------------- NaN guard
 class Poison(Callback):
-    """Sets one weight to NaN after step ``at``."""
+    """Sets one weight of the first or the last layer to NaN after step ``at``."""
 
-    def __init__(self, at: int):
-        self.at = at
+    def __init__(self, at: int, layer: int):
+        self.at, self.layer = at, layer
 
     def on_step_end(self, trainer) -> None:
         if trainer.global_step == self.at:
             with torch.no_grad():
-                next(trainer.model.parameters()).view(-1)[0] = float("nan")
+                list(trainer.model.parameters())[self.layer].view(-1)[0] = float("nan")
 
 
-@pytest.mark.parametrize("at, where", [(6, "loss became nan at epoch 2, step 3"),
-                                       (8, "non-finite values in body.1.weight at epoch 2, step 4")])
-def test_nan_weight_raises_and_keeps_the_last_good_checkpoint(tmp_path, at, where):
-    # after step 6 the next loss is NaN; after step 8, the last of epoch 2, no loss sees it but the weights are
-    # checked before evaluation, mask updates and the epoch-end checkpoint
+@pytest.mark.parametrize("at, layer, where", [
+    (6, -1, "loss became nan at epoch 2, step 3"),  # NaN readout weight: the next loss is NaN
+    (8, -1, "non-finite values in body.6.weight at epoch 2, step 4"),  # last step of the epoch: no loss sees it
+    (6, 0, "non-finite values in body.1.weight at epoch 2, step 4"),  # hidden: spikes (NaN >= 1 is False) hide it
+])
+def test_nan_weight_raises_and_keeps_the_last_good_checkpoint(tmp_path, at, layer, where):
+    # weights are checked after each training epoch, before evaluation, mask updates and checkpoints see them
     cfg = make(tmp_path, method=PQ)
     with pytest.raises(TrainingError, match=where) as err:
-        run(cfg, callbacks=[Poison(at)])
-    assert "ckpt-000000004.pt" in str(err.value)
+        run(cfg, callbacks=[Poison(at, layer)])
+    assert "the last good checkpoint is" in str(err.value) and "ckpt-000000004.pt" in str(err.value)
     st, path = ckpt.load_latest(cfg.run_dir)
     assert path.name == "ckpt-000000004.pt" and st["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())

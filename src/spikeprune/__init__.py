@@ -3,6 +3,7 @@
 >>> from spikeprune import create_model, load_config, Trainer, measure
 """
 
+from .api import Pruner, prune
 from .compact import compact
 from .config import load_config
 from .data import build_loaders, create_dataset, list_datasets
@@ -14,4 +15,5 @@ from .train import Trainer
 __version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models", "create_dataset", "build_loaders", "list_datasets", "MaskEngine",
-           "create_method", "list_methods", "measure", "compact", "load_config", "Trainer", "__version__"]
+           "create_method", "list_methods", "measure", "compact", "load_config", "Trainer", "prune", "Pruner",
+           "__version__"]

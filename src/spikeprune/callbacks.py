@@ -8,7 +8,11 @@ from typing import Any
 class Callback:
     """Hooks the :class:`~spikeprune.train.Trainer` calls. ``trainer`` exposes ``model``, ``optimizer``,
     ``epoch``, ``global_step``, ``cfg``, ``device`` and ``history``. Everything a callback needs to resume
-    goes through ``state_dict``/``load_state_dict``."""
+    goes through ``state_dict``/``load_state_dict``; on resume, saved states are matched to callbacks by class
+    name, so a resumed run may add or drop other callbacks.
+
+    Hooks run at step boundaries: a ``KeyboardInterrupt`` raised inside one is not checkpointed (the step may be
+    half-done); Ctrl-C is deferred by the trainer to the end of the step, which is saved."""
 
     def setup(self, trainer: Any) -> None:
         """Called once the model and optimizer exist (before a resumed state is loaded)."""

@@ -78,9 +78,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_rotating(obj: Any, run_dir: str | Path, step: int, keep: int = 2) -> Path:
-    """Save ``ckpt-<step>.pt`` and delete all but the ``keep`` newest."""
+    """Save ``ckpt-<step>.pt`` and delete all but the ``keep`` newest. Checkpoints of a *later* step belong to a
+    timeline that a resume abandoned (e.g. a corrupt newest file it skipped) and are deleted too: counting them
+    as newest would delete the file just written and keep only them."""
     path = save(obj, Path(run_dir) / f"ckpt-{step:09d}.pt")
-    for old in list_checkpoints(run_dir)[keep:]:
+    found = list_checkpoints(run_dir)
+    later = [p for p in found if int(_NAME.search(p.name).group(1)) > step]
+    kept = [p for p in found if p not in later]
+    for old in [*later, *kept[keep:]]:
         old.unlink(missing_ok=True)
     return path
 

@@ -15,6 +15,10 @@ commands:
   measure   accuracy, connectivity, params, effective SOPs, energy and firing rates of a finished run
   compact   build a physically smaller network from a run's channel/neuron masks and compare it
   compare   train several recipes with the same settings and print one results table
+  bench     methods x target densities x seeds on one recipe (resumable): tables and plots
+  convert   ANN->SNN conversion of a zoo model, accuracy vs T, and DynSNN on the converted SNN
+  export    write a finished run as NIR (masks permanent, compacted), safetensors or torch.nn.utils.prune form
+  report    HTML + Markdown report of a finished run (plots) or of a benchmark's results.csv (Pareto plots)
   list      list registered models, datasets and methods
 
 Run `spikeprune COMMAND --help` for the options of one command."""
@@ -56,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the table (Markdown) and rows (CSV) to this path prefix")
     p.add_argument("--reuse", action="store_true",
                    help="skip recipes whose run directory already holds results of the same config")
+    p = sub.add_parser("bench", help="methods x target densities x seeds on one recipe, tables and plots")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p = sub.add_parser("convert", help="train a ReLU ANN, convert it to an IF SNN, DynSNN on the result")
+    _config_args(p)
+    p = sub.add_parser("export", help="export a finished run: nir | safetensors | torch-prune")
+    _run_args(p)
+    p.add_argument("--format", "-f", default="nir", choices=["nir", "safetensors", "torch-prune"])
+    p.add_argument("--out", help="output file (default: in RUN_DIR, model.nir / model.safetensors / ...)")
+    p.add_argument("--dt", type=float, default=1.0, help="NIR time step: tau_nir = tau * dt (default 1: steps)")
+    p = sub.add_parser("report", help="HTML + Markdown report of a run or a benchmark (results.csv)")
+    p.add_argument("run_dir", help="a run directory (results.json) or a benchmark directory / results.csv")
+    p.add_argument("--out", help="directory for report.html, report.md and report_files/ (default: RUN_DIR)")
     sub.add_parser("list", help="list registered models, datasets and methods")
     return parser
 
@@ -169,6 +187,33 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "compare":
         return _compare(args)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
+    if args.command == "convert":
+        from .convert import load_convert_config, run_convert
+
+        overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
+        run_convert(load_convert_config(args.config, overrides))
+        return 0
+    if args.command == "report":
+        from .report import write_report
+
+        html_path, md_path = write_report(args.run_dir, args.out)
+        print(f"wrote {html_path} and {md_path}")
+        return 0
+    if args.command == "export":
+        from .export import export_run
+
+        path, summary = export_run(args.run_dir, args.format, args.out, args.data_root, args.dt)
+        if "weights_before_compaction" in summary:
+            before, nz = summary["weights_before_compaction"], summary["nonzero"]
+            print(f"wrote {path}: {nz:,} non-zero of {before:,} weights ({100 * nz / max(1, before):.2f}%), "
+                  f"{summary['weights_exported']:,} stored after compaction")
+        else:
+            print(f"wrote {path}")
+        return 0
     cfg, model, test = _load_run(args.run_dir, args.data_root)
     if args.command == "eval":
         from .measure import measure
@@ -199,6 +244,22 @@ def _dispatch(args) -> int:
     raise ValueError(f"unknown command {args.command!r}")
 
 
+def provenance() -> str:
+    """Markdown header: the exact command, the machine and the date (for committed results)."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    cmd = " ".join(["spikeprune", *sys.argv[1:]])
+    cpu = platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return (f"- command: `{cmd}`\n- machine: {platform.system()} {cpu}, {os.cpu_count()} cores, {threads} torch "
+            f"thread(s), {dev}, torch {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
+
+
 def _finished_with(cfg) -> bool:
     """True if ``cfg.run_dir`` holds results of exactly this config."""
     from .config import to_dict
@@ -227,7 +288,7 @@ def _compare(args) -> int:
         import csv
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".md").write_text(table + "\n")
+        Path(args.out + ".md").write_text(provenance() + "\n" + table + "\n")
         keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
         with open(args.out + ".csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

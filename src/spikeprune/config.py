@@ -78,6 +78,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    sync_bn: bool = False  # under DDP: BatchNorm batch statistics over all ranks (docs/ddp.md)
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {self.epochs}")

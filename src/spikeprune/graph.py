@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .adapters import reset_states, step_shape
 from .neurons import is_neuron
 
 SYNAPTIC = (nn.Conv2d, nn.Conv1d, nn.Linear)
@@ -165,16 +166,18 @@ def _output_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ..
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
-        if is_neuron(m):
+        if is_neuron(m):  # foreign neurons: spikes of (spk, mem), single-step outputs as [1, B, ...]
             hooks.append(m.register_forward_hook(
-                lambda mod, i, o, name=name: shapes.__setitem__(name, tuple(o.shape))))
+                lambda mod, i, o, name=name: shapes.__setitem__(name, step_shape(mod, o))))
     was = model.training
     model.eval()
     try:
+        reset_states(model)
         with torch.no_grad():
             model(x)
     finally:
         model.train(was)
+        reset_states(model)  # stateful (SpikingJelly/snnTorch) neurons must not keep the example's state
         for h in hooks:
             h.remove()
     return shapes

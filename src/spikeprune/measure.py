@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import neuron_spikes, reset_states, unit_axis
 from .graph import SYNAPTIC, analyze
 from .neurons import is_neuron
 
@@ -189,8 +190,8 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
 
     def neuron_hook(name):
         def hook(mod, inputs, out):
-            s = out.detach().float()
-            unit_dim = 2 if s.dim() > 2 else 1
+            s = neuron_spikes(out).detach().float()
+            unit_dim = unit_axis(mod, s)
             per_unit = s.transpose(0, unit_dim).reshape(s.shape[unit_dim], -1).mean(1)
             spk_sum[name] = spk_sum.get(name, 0) + per_unit * (s.numel() // s.shape[unit_dim])
             spk_cnt[name] = spk_cnt.get(name, 0) + s.numel() // s.shape[unit_dim]
@@ -212,6 +213,7 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
         b = 0
         while batch is not None and (max_batches is None or b < max_batches):
             x, y = batch[0].to(device), batch[1].to(device)
+            reset_states(model)  # SpikingJelly / snnTorch neurons keep their state between calls
             out = model(x)
             logits = out.mean(0) if out.dim() == 3 else out
             correct += int((logits.argmax(-1) == y).sum())
@@ -220,6 +222,7 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
             batch = next(it, None)
     finally:
         model.train(was)
+        reset_states(model)
         for h in hooks:
             h.remove()
     n = max(1, samples)

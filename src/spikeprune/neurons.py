@@ -9,8 +9,11 @@ All neurons share one charge equation, ``H[t] = a * V[t-1] + b * X[t] + c``:
 then fire ``S = Θ(H - V_th)`` and reset, hard ``V = H (1 - S) + V_reset S`` or soft (``v_reset=None``)
 ``V = H - V_th S``. The whole sequence runs inside one autograd function whose backward is the exact
 BPTT recursion with a surrogate derivative, so no autograd node is made per time step and only the
-pre-spike membrane ``H`` is saved. :func:`reference_multistep` is the plain step-by-step loop, kept as the
-ground truth for tests.
+pre-spike membrane ``H`` is saved. The forward does three or four in-place elementwise operations per step; the
+backward computes the surrogate, ``dV/dH`` and the input gradients for all steps at once and loops only over one
+multiply-add per step. On CUDA the same two loops run through ``torch.compile`` (fused kernels) when triton is
+available (:func:`use_compile`). :func:`reference_multistep` is the plain step-by-step loop, kept as the ground
+truth for tests.
 
 Observers (``neuron.observers``) receive ``(module, spikes, membrane)`` right after each forward, before any
 neuron mask is applied; nothing is stored when no observer is attached.
@@ -18,7 +21,9 @@ neuron mask is applied; nothing is stored when no observer is attached.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -27,6 +32,7 @@ from torch import nn
 __all__ = [
     "Surrogate", "ATan", "Sigmoid", "Triangle", "SURROGATES", "make_surrogate",
     "BaseNeuron", "LIF", "IF", "PLIF", "NEURONS", "make_neuron", "reference_multistep", "is_neuron",
+    "use_compile",
 ]
 
 
@@ -44,6 +50,10 @@ class Surrogate:
     def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+        """``grad(x)`` allowed to overwrite ``x`` (a temporary of the caller's) to save memory; same values."""
+        return self.grad(x)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(alpha={self.alpha})"
 
@@ -59,6 +69,10 @@ class ATan(Surrogate):
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         return (self.alpha / 2) / (1 + (math.pi / 2 * self.alpha * x).square())
 
+    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mul_(math.pi / 2 * self.alpha).square_().add_(1)
+        return torch.div(self.alpha / 2, y, out=y)
+
 
 class Sigmoid(Surrogate):
     """``σ'(x) = α · sg(αx) · (1 - sg(αx))`` (α=4 as in SpikingJelly)."""
@@ -72,6 +86,11 @@ class Sigmoid(Surrogate):
         s = torch.sigmoid(self.alpha * x)
         return self.alpha * s * (1 - s)
 
+    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mul_(self.alpha).sigmoid_()
+        one_minus = torch.rsub(s, 1)
+        return s.mul_(self.alpha).mul_(one_minus)
+
 
 class Triangle(Surrogate):
     """``σ'(x) = α · max(0, 1 - α|x|)``: peak α, support ``|x| < 1/α``, unit area."""
@@ -83,6 +102,9 @@ class Triangle(Surrogate):
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * (1 - self.alpha * x.abs()).clamp_min(0)
+
+    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs_().mul_(-self.alpha).add_(1).clamp_min_(0).mul_(self.alpha)
 
 
 SURROGATES: dict[str, type[Surrogate]] = {"atan": ATan, "sigmoid": Sigmoid, "triangle": Triangle}
@@ -107,32 +129,104 @@ def _coeffs(kind: str, k: torch.Tensor | float, decay_input: bool):
     return 1 - k, (k if decay_input else 1.0)
 
 
+def _is_one(a) -> bool:
+    return isinstance(a, float) and a == 1.0
+
+
+def _forward_loop(x, k, v0, kind, v_th, v_reset, decay_input):
+    """All T steps without a graph; returns ``(spikes, pre-spike membrane H, last V)``.
+
+    The input part of every step, ``b X[t] + c``, is computed for all steps at once into the membrane buffer;
+    each step then adds ``a V[t-1]`` in place, fires into a reused buffer and resets into a reused ``V`` buffer
+    (three or four elementwise kernels per step, no allocation)."""
+    a, b = _coeffs(kind, k, decay_input)
+    c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
+    h_seq = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if _is_one(b):
+        h_seq.copy_(x)
+    else:
+        torch.mul(x, b, out=h_seq)
+    if not (isinstance(c, float) and c == 0.0):
+        h_seq.add_(c)
+    s_seq = torch.empty_like(h_seq)
+    v_buf = torch.empty_like(h_seq[0])
+    v = v0
+    for t in range(x.shape[0]):
+        h, s = h_seq[t], s_seq[t]
+        if _is_one(a):
+            h.add_(v)
+        elif torch.is_tensor(a):
+            h.addcmul_(v, a)
+        else:
+            h.add_(v, alpha=a)
+        torch.ge(h, v_th, out=s)  # straight into the float spike buffer (a bool mask is slower on CPU)
+        if v_reset is None:  # soft reset: V = H - V_th S
+            v = torch.add(h, s, alpha=-v_th, out=v_buf)
+        else:  # hard reset: V = H - H S + V_reset S, i.e. exactly H or V_reset
+            v = torch.addcmul(h, h, s, value=-1.0, out=v_buf)
+            if v_reset != 0.0:
+                v.add_(s, alpha=v_reset)
+    return s_seq, h_seq, v
+
+
+def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset, surrogate,
+                   need_k_grad, need_v0_grad):
+    """Exact BPTT of :func:`_forward_loop`; returns ``(dL/dX, dL/dk or None, dL/dV0 or None)``.
+
+    With ``g[t] = dL/dH[t]``: ``g[t] = gin[t] + a · dV[t]/dH[t] · g[t+1]``, where ``gin[t] = dL/dS[t] σ'(H[t] - V_th)
+    + dL/dH[t]`` (direct). Everything but this one-multiply-add recursion (the surrogate, ``gin``, ``dV/dH``,
+    ``dL/dX = b g`` and ``dL/dk``) is computed for all steps at once."""
+    a, b = _coeffs(kind, k, decay_input)
+    T = h_seq.shape[0]
+    sg = surrogate.grad_(h_seq - v_th) if (g_s is not None or not detach_reset) else None
+    if g_s is not None:
+        g = sg.mul_(g_s) if detach_reset else g_s * sg  # the reset needs no surrogate when detached
+        if g_h_out is not None:
+            g.add_(g_h_out)
+    elif g_h_out is not None:
+        g = g_h_out.clone(memory_format=torch.contiguous_format)
+    else:
+        g = torch.zeros_like(h_seq)
+    # dV[t]/dH[t]: a Python 1.0 (soft reset, detached) or a [T, ...] tensor; the surrogate buffer is reused
+    if v_reset is None:
+        dv = 1.0 if detach_reset else sg.mul_(-v_th).add_(1)
+    else:
+        keep = torch.lt(h_seq, v_th, out=torch.empty_like(h_seq))  # 1 - S
+        dv = keep if detach_reset else torch.rsub(h_seq, v_reset).mul_(sg).add_(keep)
+    if g_v_last is not None:
+        g[T - 1].add_(g_v_last if _is_one(dv) else g_v_last * dv[T - 1])
+    if _is_one(dv):
+        for t in range(T - 2, -1, -1):
+            if torch.is_tensor(a):
+                g[t].addcmul_(g[t + 1], a)
+            else:
+                g[t].add_(g[t + 1], alpha=a)
+    else:
+        m = dv if _is_one(a) else dv.mul_(a)
+        for t in range(T - 2, -1, -1):
+            g[t].addcmul_(m[t], g[t + 1])
+    g_k = None
+    if need_k_grad:
+        v_prev = torch.cat([v0.unsqueeze(0), _after_reset(h_seq[:-1], v_th, v_reset)])
+        # dH/dk: decay_input -> X - (V - Vr) = (H - V)/k ; otherwise -(V - Vr)
+        if decay_input:
+            dh_dk = (h_seq - v_prev).div_(k)
+        else:
+            dh_dk = v_prev.neg_() if v_reset is None else v_prev.sub_(v_reset).neg_()
+        g_k = (g * dh_dk).sum()
+    g_v0 = g[0] * a if need_v0_grad else None
+    g_x = g if _is_one(b) else g.mul_(b)
+    return g_x, g_k, g_v0
+
+
 class _MultiStep(torch.autograd.Function):
     """Forward over all T steps without a graph; backward is the BPTT recursion."""
 
     @staticmethod
     def forward(ctx, x, k, v0, kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad):
-        a, b = _coeffs(kind, k, decay_input)
-        c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
         ctx.set_materialize_grads(False)
-        h_seq = torch.empty_like(x)
-        s_seq = torch.empty_like(x)
-        v = v0
-        for t in range(x.shape[0]):
-            h = h_seq[t]
-            if kind == "if":
-                torch.add(v, x[t], out=h)
-            else:
-                torch.mul(v, a, out=h)
-                if torch.is_tensor(b):
-                    h.addcmul_(x[t], b)
-                else:
-                    h.add_(x[t], alpha=b)
-                if not (isinstance(c, float) and c == 0.0):
-                    h.add_(c)
-            spike = h >= v_th
-            s_seq[t] = spike
-            v = h - v_th * s_seq[t] if v_reset is None else h.masked_fill(spike, v_reset)
+        fwd, _ = _loops(x)
+        s_seq, h_seq, v = fwd(x, k, v0, kind, v_th, v_reset, decay_input)
         # a constant decay stays a Python float: a float32 copy would make float64 gradients inexact
         ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else None, v0)
         ctx.k_const = None if torch.is_tensor(k) else float(k)
@@ -145,33 +239,61 @@ class _MultiStep(torch.autograd.Function):
         if k is None:
             k = ctx.k_const
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
-        a, b = _coeffs(kind, k, decay_input)
-        g_x = torch.empty_like(h_seq)
-        g_v = g_v_last if g_v_last is not None else torch.zeros_like(h_seq[0])
-        g_k = torch.zeros((), dtype=h_seq.dtype, device=h_seq.device) if need_k_grad else None
-        for t in range(h_seq.shape[0] - 1, -1, -1):
-            h = h_seq[t]
-            sg = surrogate.grad(h - v_th)
-            s = (h >= v_th).to(h.dtype)
-            if v_reset is None:
-                dv_dh = 1.0 if detach_reset else 1 - v_th * sg
-            else:
-                dv_dh = 1 - s if detach_reset else 1 - s + (v_reset - h) * sg
-            g_h = g_v * dv_dh
-            if g_s is not None:
-                g_h = g_h + g_s[t] * sg
-            if g_h_out is not None:
-                g_h = g_h + g_h_out[t]
-            g_x[t] = g_h * b
-            if need_k_grad:
-                v_prev = v0 if t == 0 else _after_reset(h_seq[t - 1], v_th, v_reset)
-                vr = 0.0 if v_reset is None else v_reset
-                # dH/dk: decay_input -> X - (V - Vr) = (H - V)/k ; otherwise -(V - Vr)
-                dh_dk = (h - v_prev) / k if decay_input else -(v_prev - vr)
-                g_k = g_k + (g_h * dh_dk).sum()
-            g_v = g_h * a
-        g_v0 = g_v if ctx.needs_input_grad[2] else None
+        _, bwd = _loops(h_seq)
+        g_x, g_k, g_v0 = bwd(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset,
+                             surrogate, need_k_grad, ctx.needs_input_grad[2])
         return g_x, g_k, g_v0, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------- CUDA: torch.compile
+_COMPILE: dict[str, bool | None] = {"enabled": None}  # None: compile on CUDA when triton is importable
+_COMPILED: dict = {}
+
+
+def use_compile(enabled: bool | None = None) -> None:
+    """Choose how CUDA tensors run the fused neuron: ``True`` through ``torch.compile`` of the same forward and
+    backward loops (fused GPU kernels), ``False`` eagerly, ``None`` (default) compiled when ``triton`` is
+    importable. The environment variable ``SPIKEPRUNE_COMPILE=0`` / ``1`` sets it at import. CPU tensors always
+    run the eager loops."""
+    _COMPILE["enabled"] = enabled
+
+
+def _compile_wanted(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        return False
+    enabled = _COMPILE["enabled"]
+    if enabled is None:
+        enabled = _COMPILE["enabled"] = importlib.util.find_spec("triton") is not None
+    return enabled
+
+
+def _loops(x: torch.Tensor):
+    """``(forward, backward)`` loop functions for tensors like ``x``: compiled on CUDA (see :func:`use_compile`)."""
+    if not _compile_wanted(x):
+        return _forward_loop, _backward_loop
+    if not _COMPILED:
+        _COMPILED["fwd"] = _compiled(_forward_loop)
+        _COMPILED["bwd"] = _compiled(_backward_loop)
+    return _COMPILED["fwd"], _COMPILED["bwd"]
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, allowed more recompilations than dynamo's default 8: every neuron configuration
+    (kind, reset, surrogate) and, at first, every layer shape compiles its own graph."""
+    import torch._dynamo
+
+    compiled = torch.compile(fn, dynamic=None)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    def run(*args):
+        with torch._dynamo.config.patch(**{limit: 64}):
+            return compiled(*args)
+
+    return run
+
+
+if os.environ.get("SPIKEPRUNE_COMPILE") in ("0", "1"):
+    use_compile(os.environ["SPIKEPRUNE_COMPILE"] == "1")
 
 
 def _after_reset(h: torch.Tensor, v_th: float, v_reset: float | None) -> torch.Tensor:

@@ -3,11 +3,20 @@
 ``Trainer(cfg).fit()`` builds data, model, optimizer and the configured compression method (a callback),
 trains, evaluates every epoch, writes ``metrics.jsonl``/``metrics.csv`` and atomic checkpoints to
 ``cfg.run_dir``, and ends with :func:`spikeprune.measure.measure` on the test set (``results.json``).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same code trains data-parallel (docs/ddp.md): the model is wrapped in
+``DistributedDataParallel`` (gloo on CPU, nccl on GPU); ``data.batch_size`` is the batch of *one process* (the
+global batch is ``batch_size × world_size``, and each rank takes every ``world_size``-th sample of the same
+shuffled order, so 2 × 64 sees exactly the batches of 1 × 128); BatchNorm statistics span all ranks with
+``train.sync_bn`` (else the running statistics are averaged over ranks before each evaluation); evaluation is
+sharded over ranks and the counts summed; rank 0 alone logs and writes metrics, checkpoints and results. After
+every mask change the ranks compare mask checksums and stop with :class:`MaskDivergenceError` if they differ.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -35,6 +44,10 @@ from .measure import Measurement, measure
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says where the last good state is."""
+
+
+class MaskDivergenceError(TrainingError):
+    """Under DDP the ranks' masks differ: some statistic or random draw behind a mask decision was rank-local."""
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +142,9 @@ class Trainer:
             model = create_model(m.name, num_classes=self.info.num_classes, in_channels=self.info.in_shape[-3],
                                  T=m.T, neuron=m.neuron, encoding=m.encoding, **m.options)
         self.model = model.to(self.device)
+        self.sync_bn = bool(getattr(cfg.train, "sync_bn", False)) and dist.world_size() > 1
+        if self.sync_bn:  # before the optimizer and the methods see the model (parameters are kept)
+            dist.convert_sync_batchnorm(self.model)
         self.example_input = self._example_input()
         self.optimizer = make_optimizer(self.model.parameters(), cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
@@ -151,10 +167,19 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         for c in self.callbacks:
             c.setup(self)
+        self._ckpt_acc: dict | None = None
         self.ddp = None
         if dist.is_dist():
+            # no buffer broadcast at each forward: masks are equal by construction (and checked), BN running
+            # statistics are synchronised by sync_bn or averaged before each evaluation (dist.sync_buffers)
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 name of broadcast_buffers=False
+                       if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync)
+            dist.guard_group()  # created now, on every rank at the same point
 
     # ------------------------------------------------------------------------------------ helpers
     def _example_input(self) -> torch.Tensor:
@@ -169,6 +194,46 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
 
+    # ------------------------------------------------------------------------------ rank consistency
+    def _engines(self) -> list:
+        return [e for c in self.callbacks if (e := getattr(c, "engine", None)) is not None and e.layers]
+
+    def _mask_versions(self) -> tuple:
+        return tuple(getattr(e, "version", 0) for e in self._engines())
+
+    def check_masks(self, where: str) -> None:
+        """Under DDP, stop with :class:`MaskDivergenceError` unless every rank holds the same masks (a checksum
+        of all connection and unit masks, all-gathered). Called after each mask change and every epoch end."""
+        engines = self._engines()
+        if not dist.is_dist() or not engines:
+            return
+        local = torch.cat([e.mask_checksum().detach().double().cpu() for e in engines]).tolist()
+        sums = dist.all_gather_object(local, group=dist.guard_group())
+        if all(s == sums[0] for s in sums):
+            return
+        per_layer = {}
+        for i, e in enumerate(engines):
+            for n, m in [*e.masks().items(), *e.unit_masks().items()]:
+                per_layer[f"{i}:{n}"] = (int(m.sum()), hashlib.sha1(m.detach().cpu().numpy().tobytes()).hexdigest())
+        layers = dist.all_gather_object(per_layer, group=dist.guard_group())
+        bad = [k for k in layers[0] if any(lay.get(k) != layers[0][k] for lay in layers)]
+        detail = "; ".join(f"{k.split(':', 1)[1]} (active per rank: {[lay.get(k, (None,))[0] for lay in layers]})"
+                           for k in bad[:5]) or "the sets of masks differ"
+        raise MaskDivergenceError(
+            f"masks differ across the {dist.world_size()} DDP ranks after {where} (epoch {self.epoch + 1}, "
+            f"global step {self.global_step}): {detail}. A statistic or random draw behind a mask decision was "
+            "rank-local: reduce it over ranks (spikeprune.dist.all_mean) or draw it from the method's generator "
+            "(seeded the same on every rank)")
+
+    def _stop_requested(self) -> bool:
+        """Ctrl-C seen (on any rank, under DDP: all ranks then stop at the same step boundary)."""
+        if not dist.is_dist():
+            return self._stop
+        flag = torch.tensor([float(self._stop)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=dist.guard_group())
+        self._stop = bool(flag.item())
+        return self._stop
+
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -176,7 +241,8 @@ class Trainer:
                 "callbacks": [c.state_dict() for c in self.callbacks],
                 "callback_types": [type(c).__name__ for c in self.callbacks], "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "epoch_acc": self._acc, "history": self.history, "config": to_dict(self.cfg)}
+                "epoch_acc": self._ckpt_acc if dist.is_dist() else self._acc, "history": self.history,
+                "config": to_dict(self.cfg)}
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -232,24 +298,65 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the whole training state (rotating files); refuses non-finite weights (TrainingError)."""
         self.check_finite()  # on every rank, so DDP ranks stop together
+        if dist.is_dist():  # this epoch's running sums over all ranks, stored as an even share of each rank
+            self._ckpt_acc = None
+            if self._acc is not None:
+                a = self._acc
+                t = dist.all_sum(torch.stack([a["loss"].double(), a["correct"].double(),
+                                              torch.tensor(float(a["seen"]), device=self.device).double()]))
+                t = t / dist.world_size()
+                self._ckpt_acc = {"loss": t[0].float(), "correct": t[1], "seen": float(t[2])}
         if dist.is_main():
             try:
                 ckpt.save_rotating(self.state(), self.run_dir, self.global_step, self.cfg.train.keep_checkpoints)
             except OSError as e:  # e.g. disk full: keep the previous checkpoint and say so
                 self.log(f"warning: could not write a checkpoint ({e.strerror}); the previous one is kept")
+        dist.barrier()  # the other ranks go on (or exit) once the checkpoint is on disk
 
     def resume(self) -> bool:
-        """Load the newest good checkpoint of this run, if any. Returns True if resumed."""
-        if not ckpt.list_checkpoints(self.run_dir):
-            return False
-        st, path = ckpt.load_latest(self.run_dir, map_location=self.device, warn=self.log)
+        """Load the newest good checkpoint of this run, if any. Returns True if resumed. Under DDP rank 0 picks
+        the checkpoint (the newest that passes its checksum) and every rank loads that same file, so the run
+        directory must be on a filesystem all ranks share."""
+        if not dist.is_dist():
+            if not ckpt.list_checkpoints(self.run_dir):
+                return False
+            st, path = ckpt.load_latest(self.run_dir, map_location=self.device, warn=self.log)
+        else:
+            found = self._load_on_all_ranks()
+            if found is None:
+                return False
+            st, path = found
         saved, now = json.loads(json.dumps(st.get("config") or {})), json.loads(json.dumps(to_dict(self.cfg)))
         changed = [k for k in ("seed", "model", "method") if k in saved and saved[k] != now[k]]
         if changed:
             self.log(f"warning: {path} was saved with a different {', '.join(changed)} than this run's config")
         self.load_state(st)
+        self.check_masks("loading the checkpoint")
         self.log(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of it)")
         return True
+
+    def _load_on_all_ranks(self) -> tuple[dict, Path] | None:
+        st, path, err = None, None, None
+        if dist.is_main() and ckpt.list_checkpoints(self.run_dir):
+            try:
+                st, path = ckpt.load_latest(self.run_dir, map_location=self.device, warn=self.log)
+            except ckpt.CheckpointError as e:  # said on every rank below, instead of leaving the others waiting
+                err = str(e)
+        path, err = dist.broadcast_object((None if path is None else str(path), err))  # also: wait for rank 0
+        if err is not None:
+            raise ckpt.CheckpointError(err)
+        if path is None:
+            return None
+        if st is None:
+            try:
+                st = ckpt.load(path, map_location=self.device)
+            except ckpt.CheckpointError as e:
+                err = (f"rank {dist.rank()} cannot read the checkpoint rank 0 chose ({e}); under DDP the run "
+                       "directory must be on a filesystem every rank shares")
+        errors = [e for e in dist.all_gather_object(err) if e]
+        if errors:
+            raise ckpt.CheckpointError(errors[0])
+        return st, Path(path)
 
     # ---------------------------------------------------------------------------------- training
     def train_epoch(self) -> dict:
@@ -294,8 +401,11 @@ class Trainer:
                 self.optimizer.step()
             self.global_step += 1
             self.step_in_epoch = i + 1
+            versions = self._mask_versions()
             for c in self.callbacks:
                 c.on_step_end(self)
+            if versions != self._mask_versions():
+                self.check_masks("a mask update at the end of a step")
             acc["loss"] += loss.detach() * x.shape[0]
             acc["correct"] += (out.detach().mean(0).argmax(-1) == y).sum()
             acc["seen"] += x.shape[0]
@@ -303,19 +413,29 @@ class Trainer:
             saved = bool(cfg.checkpoint_every) and self.global_step % cfg.checkpoint_every == 0
             if saved:
                 self.save()
-            if self._stop:  # Ctrl-C: the step is complete, so the state is consistent
+            if self._stop_requested():  # Ctrl-C: the step is complete, so the state is consistent
                 self._stop_now(save=not saved)
         bar.close()
-        seen = max(acc["seen"], 1)
-        return {"train_loss": float(acc["loss"]) / seen, "train_acc": float(acc["correct"]) / seen}
+        loss_sum, correct, seen = acc["loss"], acc["correct"], acc["seen"]
+        if dist.is_dist():  # the epoch's loss and accuracy over all ranks' samples
+            t = dist.all_sum(torch.stack([loss_sum.double(), correct.double(),
+                                          torch.tensor(float(seen), device=self.device).double()]))
+            loss_sum, correct, seen = t[0], t[1], float(t[2])
+            dist.sync_buffers(self.model)  # BN running statistics: the same model on every rank from here on
+        seen = max(seen, 1)
+        return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
-        """Top-1 accuracy on ``loader`` (gathered over ranks)."""
+        """Top-1 accuracy on ``loader``. Under DDP each rank evaluates every ``world_size``-th batch and the
+        counts are summed, so every rank gets the accuracy of the whole set."""
         self.model.eval()
         stats = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in loader:
-            if self._stop:
+        r, w = dist.rank(), dist.world_size()
+        for i, (x, y) in enumerate(loader):
+            if i % w != r:
+                continue
+            if self._stop and w == 1:  # under DDP the stop waits for the end of the epoch (ranks agree there)
                 self.model.train()
                 self._stop_now()
             x, y = x.to(self.device), y.to(self.device)
@@ -323,6 +443,7 @@ class Trainer:
                 out = self.model(x)
             stats[0] += (out.float().mean(0).argmax(-1) == y).sum()
             stats[1] += y.numel()
+        dist.all_sum(stats)
         self.model.train()
         return float(stats[0] / stats[1].clamp_min(1))
 
@@ -337,9 +458,14 @@ class Trainer:
             else:
                 self._clear_previous_run()
             ckpt.atomic_write(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2).encode())
+        if dist.is_dist():
+            bs = self.cfg.data.batch_size
+            self.log(f"DDP: {dist.world_size()} processes ({dist.backend()}), batch {bs} per process = "
+                     f"{bs * dist.world_size()} global{', synchronised BatchNorm' if self.sync_bn else ''}")
         if not resumed:
             for c in self.callbacks:
                 c.on_train_start(self)
+            self.check_masks("on_train_start (the initial masks)")
         self._stop = self._stopped_cleanly = False
         catch = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
         old_handler = signal.getsignal(signal.SIGINT)
@@ -360,6 +486,7 @@ class Trainer:
                 metrics["test_acc"] = self.evaluate(self.test_loader)
                 for c in self.callbacks:
                     c.on_epoch_end(self, metrics)
+                self.check_masks("on_epoch_end")
                 for c in self.callbacks:
                     metrics.update(c.epoch_metrics(self))
                 if self.scheduler:
@@ -369,7 +496,7 @@ class Trainer:
                 self.history.append(metrics)
                 self._log_epoch(metrics)
                 self.save()
-                if self._stop:
+                if self._stop_requested():
                     self._stop_now(save=False)
         except KeyboardInterrupt:
             if not self._stopped_cleanly:  # raised inside a step (2nd Ctrl-C, or by a callback): maybe torn
@@ -381,6 +508,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         for c in self.callbacks:
             c.on_train_end(self)
+        self.check_masks("on_train_end")
         return self.final_measurement()
 
     def _on_sigint(self, signum, frame) -> None:
@@ -409,6 +537,8 @@ class Trainer:
             f.unlink(missing_ok=True)
 
     def final_measurement(self) -> Measurement:
+        """Measure on the test set. Under DDP every rank measures the same model and rank 0 writes
+        ``results.json`` and ``model.pt``; the others wait until both are on disk."""
         m = self.cfg.measure
         engine = getattr(self.method, "engine", None)
         prunable = list(engine.layers) if engine is not None and engine.layers else None
@@ -425,6 +555,7 @@ class Trainer:
             torch.save(self.model.state_dict(), buf)
             ckpt.atomic_write(self.run_dir / "model.pt", buf.getvalue())
             ckpt.atomic_write(self.run_dir / "results.json", json.dumps(_jsonable(out), indent=2).encode())
+        dist.barrier()
         return result
 
     def _log_epoch(self, metrics: dict) -> None:

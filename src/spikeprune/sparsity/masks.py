@@ -11,7 +11,8 @@
   fan-out columns; :meth:`MaskEngine.effective_weights` folds them in, :meth:`MaskEngine.remove` makes it
   permanent.
 * **Unit gradients**: with ``track_unit_grad`` the engine accumulates ``|∂L/∂g|`` of each unit's gate as if it
-  were open (the RigL-style dense signal SCA regrows by).
+  were open (the RigL-style dense signal SCA regrows by); under DDP each step's signed gate gradient is averaged
+  over ranks before its magnitude is accumulated, like DDP averages weight gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
 from ..neurons import is_neuron
 
@@ -60,6 +62,8 @@ class MaskEngine:
         self.dense_grad_hooks: list[DenseGradHook] = []
         self.track_unit_grad = False
         self.unit_grad: dict[str, torch.Tensor] = {}
+        self._unit_grad_step: dict[str, torch.Tensor] = {}  # DDP: this step's signed local gate grads
+        self.version = 0  # bumped by every set_mask/set_unit_mask (the trainer checks ranks agree when it moves)
 
     # ------------------------------------------------------------------------------------------- helpers
     def _name_of(self, module: nn.Module) -> str:
@@ -89,6 +93,7 @@ class MaskEngine:
         layer.weight.masked_fill_(~mask | grown, 0.0)
         layer.weight_mask.copy_(mask)
         self._clear_state(layer.weight, changed)
+        self.version += 1
 
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         for n, m in masks.items():
@@ -129,6 +134,7 @@ class MaskEngine:
     @torch.no_grad()
     def before_step(self) -> None:
         """Show dense gradients to the hooks that want them (regrowth scores), then mask them."""
+        self._reduce_unit_grad()
         for name, m in self.layers.items():
             g = m.weight.grad
             if g is None:
@@ -179,7 +185,8 @@ class MaskEngine:
         return names
 
     def _unit_hook(self, name: str, feat_dims: int):
-        def hook(mod, inputs, out):
+        def hook(mod, inputs, result):
+            out = neuron_spikes(result)  # snnTorch neurons may return (spk, mem): only spk is masked
             m = mod.unit_mask.view(-1, *([1] * (feat_dims - 1))).to(out.dtype)
             y = out * m
             if self.track_unit_grad and torch.is_grad_enabled() and y.requires_grad:
@@ -187,12 +194,17 @@ class MaskEngine:
                 dims = [d for d in range(y.dim()) if d != y.dim() - feat_dims]
 
                 def grad_hook(gy):
+                    if dist.is_dist():  # local gradient: averaged over ranks before |.| (_reduce_unit_grad)
+                        g = (gy * s).sum(dims).detach()
+                        prev = self._unit_grad_step.get(name)
+                        self._unit_grad_step[name] = g if prev is None else prev + g
+                        return
                     acc = (gy * s).sum(dims).abs().detach()
                     prev = self.unit_grad.get(name)  # may come from a CPU checkpoint (resume)
                     self.unit_grad[name] = acc if prev is None else prev.to(acc.device) + acc
 
                 y.register_hook(grad_hook)
-            return y
+            return with_spikes(result, y)
 
         return hook
 
@@ -209,9 +221,26 @@ class MaskEngine:
         if mask.shape != um.shape:
             raise ValueError(f"unit mask for {neuron} has shape {tuple(mask.shape)}, expected {tuple(um.shape)}")
         um.copy_(mask.to(torch.bool))
+        self.version += 1
+
+    @torch.no_grad()
+    def _reduce_unit_grad(self) -> None:
+        """Under DDP: average this step's gate gradients over ranks (like DDP averages weight gradients), then
+        accumulate their magnitude, so ``unit_grad`` is ``|∂L/∂gate|`` of the global batch on every rank."""
+        if not self._unit_grad_step:
+            return
+        names = sorted(self._unit_grad_step)
+        sizes = [self._unit_grad_step[n].numel() for n in names]
+        flat = dist.all_mean(torch.cat([self._unit_grad_step[n].reshape(-1).float() for n in names]))
+        self._unit_grad_step = {}
+        for n, g in zip(names, flat.split(sizes)):
+            acc = g.abs()
+            prev = self.unit_grad.get(n)  # may come from a CPU checkpoint (resume)
+            self.unit_grad[n] = acc if prev is None else prev.to(acc.device) + acc
 
     def pop_unit_grad(self) -> dict[str, torch.Tensor]:
         """Accumulated ``|∂L/∂gate|`` per unit since the last call, averaged over ranks."""
+        self._reduce_unit_grad()
         out = {n: dist.all_mean(g.clone()) for n, g in self.unit_grad.items()}
         self.unit_grad = {}
         return out

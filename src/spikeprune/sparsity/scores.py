@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..adapters import neuron_membrane, neuron_spikes, unit_axis
 from ..neurons import BaseNeuron
 from ..registry import Registry
 
@@ -99,8 +100,9 @@ class ActivityMonitor:
 
     def _hook(self, name: str):
         def hook(mod, inputs, out):
-            if mod.training:
-                self._update(name, out, getattr(mod, "v", None))
+            if mod.training:  # adapters: spk of (spk, mem), the membrane each framework keeps, its unit axis
+                s = neuron_spikes(out)
+                self._update(name, s, neuron_membrane(mod), unit_axis(mod, s))
         return hook
 
     def _observer(self, name: str):
@@ -110,8 +112,9 @@ class ActivityMonitor:
         return obs
 
     @torch.no_grad()
-    def _update(self, name: str, spikes: torch.Tensor, membrane: torch.Tensor | None) -> None:
-        unit_dim = 2 if spikes.dim() > 2 else 1
+    def _update(self, name: str, spikes: torch.Tensor, membrane: torch.Tensor | None,
+                unit_dim: int | None = None) -> None:
+        unit_dim = unit_dim if unit_dim is not None else (2 if spikes.dim() > 2 else 1)
         dims = [d for d in range(spikes.dim()) if d != unit_dim]
         if self.what == "spikes":
             val = spikes.float().mean(dims)

@@ -11,7 +11,8 @@ from ._base import Method, MethodConfig
 METHODS = Registry("method")
 register_method = METHODS.register
 
-_MODULES = ["dynsnn", "pq_rewire", "sca"]
+_MODULES = ["dynsnn", "pq_rewire", "sca", "magnitude", "lth", "set", "rigl", "deep_r", "grad_r", "stds", "admm",
+            "eslsnn", "upr"]
 
 
 def _load_all() -> None:

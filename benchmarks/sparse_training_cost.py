@@ -1,0 +1,186 @@
+"""What sparsity bookkeeping costs during training: dense epochs vs ``pq_rewire``, ``sca`` and ``dynsnn``.
+
+The same model, data, batch size and number of steps per epoch, trained by the project's ``Trainer`` with each
+method at its **default cadence** (``create_method(name)`` with no options: pq_rewire rewires every epoch and
+net-prunes every third, sca recomputes its channel masks every epoch, dynsnn updates its unit masks every 100 steps
+after one warm-up epoch). All trainers are built first and then advanced one epoch at a time, the method order
+rotated every epoch, so every epoch index is measured side by side (interleaved repeats).
+
+Per epoch and method it times (a) the training steps (forward, backward, optimizer, the mask engine's gradient and
+weight masking, activity observers, unit-mask hooks and per-step callbacks such as dynsnn's updates) and (b) the
+epoch-end callbacks (mask updates of pq_rewire and sca). Evaluation and checkpointing, identical for every method,
+are not run. The first epoch is a warm-up and left out of the ratios; ratios are method time / dense time (1.00 =
+free bookkeeping). Masked weights are still multiplied densely: this measures overhead, not a sparse speed-up.
+
+``sca`` prunes conv channels only, so it runs on ``convnet`` and is skipped for ``fc3``.
+
+Usage::
+
+    python benchmarks/sparse_training_cost.py                          # synthetic FMNIST-shaped data, 469 steps
+    python benchmarks/sparse_training_cost.py --data fashion_mnist --data-root ~/data
+    python benchmarks/sparse_training_cost.py --quick --out /tmp/cost   # seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import header  # noqa: E402  (same header: command, machine, date, load)
+
+from spikeprune.config import RunConfig, from_dict  # noqa: E402
+from spikeprune.data import build_loaders  # noqa: E402
+from spikeprune.train import Trainer  # noqa: E402
+
+METHODS = ["dense", "pq_rewire", "sca", "dynsnn"]
+CONV_ONLY = {"sca"}
+
+
+def make_trainer(method: str, model: str, T: int, loaders, args, out_dir: str) -> Trainer:
+    cfg = from_dict(RunConfig, {
+        "name": f"cost_{model}_{method}", "seed": 0, "out_dir": out_dir,
+        "model": {"name": model, "T": T, "neuron": {"type": "lif", "tau": 2.0}, "options": args.model_options},
+        "data": {"name": args.data, "batch_size": args.batch},
+        # one epoch more than measured, so no method skips its "last epoch" update
+        "train": {"epochs": args.epochs + 1, "optimizer": "adam", "lr": 1e-3, "scheduler": "cosine",
+                  "device": args.device, "progress": False, "max_steps_per_epoch": args.steps,
+                  "checkpoint_every": 0},
+        "method": None if method == "dense" else {"name": method}})
+    return Trainer(cfg, loaders=loaders, log=lambda *a, **k: None)
+
+
+def sync(trainer: Trainer) -> None:
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+
+
+def run_epoch(tr: Trainer) -> tuple[float, float]:
+    """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (step seconds, epoch-end seconds)."""
+    for c in tr.callbacks:
+        c.on_epoch_start(tr)
+    sync(tr)
+    t0 = time.perf_counter()
+    metrics = {"epoch": tr.epoch + 1}
+    metrics.update(tr.train_epoch())
+    sync(tr)
+    t1 = time.perf_counter()
+    for c in tr.callbacks:
+        c.on_epoch_end(tr, metrics)
+    sync(tr)
+    t2 = time.perf_counter()
+    if tr.scheduler:
+        tr.scheduler.step()
+    tr.epoch += 1
+    tr.step_in_epoch = 0
+    return t1 - t0, t2 - t1
+
+
+def density(tr: Trainer) -> float:
+    engine = getattr(tr.method, "engine", None)
+    return engine.density() if engine is not None else 1.0
+
+
+def measure_model(model: str, args) -> list[dict]:
+    methods = [m for m in args.methods if not (m in CONV_ONLY and model != "convnet")]
+    opts = {"n": args.steps * args.batch, "in_shape": [1, 28, 28], "num_classes": 10} if args.data == "synthetic" \
+        else {}
+    loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch, eval_batch_size=args.batch,
+                            seed=0, **opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {m: make_trainer(m, model, args.T, loaders, args, tmp) for m in methods}
+        for tr in trainers.values():
+            for c in tr.callbacks:
+                c.on_train_start(tr)
+        times: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+        for epoch in range(args.epochs):
+            k = epoch % len(methods)
+            for m in methods[k:] + methods[:k]:
+                times[m].append(run_epoch(trainers[m]))
+            print(f"{model} epoch {epoch + 1}/{args.epochs}: " + ", ".join(
+                f"{m} {sum(times[m][-1]):.2f}s" for m in methods), flush=True)
+        dens = {m: density(tr) for m, tr in trainers.items()}
+    rows = []
+    steady = slice(1, None) if args.epochs > 1 else slice(0, None)  # epoch 1 is the warm-up
+    for m in methods:
+        step_s = [s for s, _ in times[m][steady]]
+        end_s = [e for _, e in times[m][steady]]
+        total = statistics.mean(s + e for s, e in times[m][steady])
+        rows.append({"model": model, "method": m, "T": args.T, "batch": args.batch, "steps_per_epoch": args.steps,
+                     "epochs_measured": len(step_s), "step_s_per_epoch": round(statistics.mean(step_s), 4),
+                     "epoch_end_s": round(statistics.mean(end_s), 4), "epoch_s": round(total, 4),
+                     "ms_per_step": round(1e3 * statistics.mean(step_s) / args.steps, 3),
+                     "first_epoch_s": round(sum(times[m][0]), 4), "final_density": round(dens[m], 4)})
+    base = next((r["epoch_s"] for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["ratio_vs_dense"] = round(r["epoch_s"] / base, 3) if base else ""
+    return rows
+
+
+def report(rows: list[dict], head: list[str]) -> str:
+    lines = list(head) + [
+        "Epoch time = training steps (incl. per-step bookkeeping) + epoch-end mask updates; mean over the epochs "
+        "after the first (warm-up). Ratio = method / dense on the same model (1.00: free).", "",
+        "| model | method | ms / step | epoch-end updates (s) | epoch (s) | ratio vs dense | final density |",
+        "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_step']:.2f} | {r['epoch_end_s']:.3f} | "
+                     f"{r['epoch_s']:.2f} | {r['ratio_vs_dense']:.3f} | {100 * r['final_density']:.1f}% |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["convnet", "fc3"])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--steps", type=int, default=469, help="steps per epoch (469 = one Fashion-MNIST epoch at 128)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per method; the first is a warm-up")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--T", type=int, default=4)
+    p.add_argument("--data", default="synthetic", help="synthetic (Fashion-MNIST shape) or fashion_mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: small models, 2 epochs of 2 steps")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    args.model_options = {}
+    if args.quick:
+        args.steps, args.epochs, args.batch, args.T = 2, 2, 8, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "dense" not in args.methods:
+        args.methods = ["dense", *args.methods]
+    rows = []
+    for model in args.models:
+        if args.quick:
+            args.model_options = ({"channels": [4, 8], "hidden": 16} if model == "convnet" else
+                                  {"hidden": [32, 32]})
+        rows += measure_model(model, args)
+    device = torch.device("cuda" if args.device.startswith("cuda") else "cpu")
+    head = header("Sparse training cost: dense vs pq_rewire, sca, dynsnn", argv, device,
+                  [f"- Setup: T={args.T}, batch {args.batch}, {args.steps} steps per epoch, {args.epochs} epochs "
+                   f"per method (first = warm-up), data {args.data}, Adam, methods at their default options"],
+                  script=__file__)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sparse_training_cost.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "sparse_training_cost.md").write_text(report(rows, head))
+    print(f"wrote {out / 'sparse_training_cost.md'} and {out / 'sparse_training_cost.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Getting compressed SNNs out (and back in): NIR graphs, ``torch.nn.utils.prune`` masks, safetensors checkpoints.
+
+Each format lives in its own module and imports its package (``nir``, ``safetensors``) only when used:
+
+* :mod:`spikeprune.export.nir` — :func:`to_nir`, :func:`export_nir`, :func:`from_nir`;
+* :mod:`spikeprune.export.torch_prune` — :func:`to_torch_prune`, :func:`from_torch_prune`;
+* :mod:`spikeprune.export.safetensors` — :func:`save_safetensors`, :func:`load_safetensors`;
+* :func:`export_run` — the ``spikeprune export RUN_DIR --format ...`` command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["export_run", "FORMATS"]
+
+FORMATS = ("nir", "safetensors", "torch-prune")
+
+
+def export_run(run_dir: str | Path, fmt: str = "nir", out: str | Path | None = None, data_root: str | None = None,
+               dt: float = 1.0) -> tuple[Path, dict]:
+    """Export a finished run (``RUN_DIR/model.pt`` with its masks) and return ``(path, summary)``.
+
+    ``nir``: masks made permanent, dead units compacted, ``RUN_DIR/model.nir`` + ``model.sparsity.json``;
+    ``safetensors``: ``model.safetensors`` + ``model.json`` (weights, masks, config, headline metrics);
+    ``torch-prune``: ``model_torch_prune.pt``, a state dict in ``torch.nn.utils.prune`` form (``weight_orig`` and
+    ``weight_mask`` per masked layer)."""
+    rd = Path(run_dir)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt == "safetensors":
+        from .safetensors import save_run_safetensors
+
+        path = save_run_safetensors(rd, out)
+        return path, json.loads(path.with_suffix(".json").read_text())
+    from ..cli import _load_run
+
+    cfg, model, test = _load_run(str(rd), data_root)
+    x = next(iter(test))[0][:2]
+    if fmt == "nir":
+        from .nir import export_nir
+
+        path = Path(out or rd / "model.nir")
+        return path, export_nir(model, path, x, dt=dt)
+    import torch
+
+    from .torch_prune import to_torch_prune
+
+    pruned = to_torch_prune(model, x)
+    path = Path(out or rd / "model_torch_prune.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pruned.state_dict(), path)
+    masked = sorted(k[: -len(".weight_mask")] for k in pruned.state_dict() if k.endswith(".weight_mask"))
+    return path, {"format": "torch-prune", "file": path.name, "masked_layers": masked}

@@ -1,0 +1,452 @@
+"""Event-driven inference for unstructured-sparse SNNs: compute only with the weights that matter.
+
+A spiking layer's input is binary and mostly zero, and a pruned layer's weights are mostly zero. A dense
+``F.linear`` ignores both. :class:`EventLinear` and :class:`EventConv2d` are drop-in replacements (subclasses of
+the project's ``Linear``/``Conv2d``, so ``isinstance(m, nn.Linear)`` still holds) that can run one of several
+paths, all giving the dense result up to float rounding:
+
+=========  =========================================================================  ==========================
+mode       what it computes                                                           uses the sparsity of
+=========  =========================================================================  ==========================
+``dense``  ``F.linear`` / ``F.conv2d`` (BLAS, oneDNN, cuBLAS)                         nothing
+``csr``    CSR weight times the input (``torch.sparse.mm``), Linear only              weights
+``gather`` the sum of the weight columns of the inputs that spiked                    input spikes
+           (``F.embedding_bag``), Linear only
+``event``  every spike adds only the non-zero weights of its input (scatter-add):      spikes and weights
+           the work is exactly the effective synaptic operations (SOPs)
+=========  =========================================================================  ==========================
+
+``mode="auto"`` (default) times the candidate paths once per *(input shape, input-rate bucket)* on the real input
+(the first call with a new shape or rate, or :meth:`calibrate`) and keeps the fastest one for that key; the
+layer's density is fixed, so this chooses per layer, batch size, density and input rate. The timings are kept in
+``layer.calibration`` and the choices in ``layer.choice``; ``layer.last_mode`` says which path the last call took.
+
+The sparse paths run only when no gradient is needed (under ``torch.no_grad()`` / ``torch.inference_mode()``, or
+with inputs and weights that do not require grad); otherwise the layer is an ordinary dense layer, so training
+through it is unchanged. Their index structures are built lazily and rebuilt when the weights change.
+
+:func:`to_event_driven` returns an inference copy of a model with masks folded (via :func:`~spikeprune.compact`)
+and every synaptic layer whose input is spikes swapped for its event-driven version; the first, analog-input layer
+(direct encoding) stays dense.
+
+What to expect: on a CPU, event-driven paths win at small batches and low rates and densities (batch 1: the
+dense kernel is memory-bound on the whole weight matrix); at large batches dense BLAS usually wins, which ``auto``
+finds out by itself. Event-driven convolution is exact but rarely faster than oneDNN on a CPU; it exists so that
+the SOP count of a conv layer is also executable work, and so ``auto`` can be asked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .neurons import is_neuron
+
+__all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "event_report", "LINEAR_MODES",
+           "CONV_MODES"]
+
+LINEAR_MODES = ("dense", "csr", "gather", "event")
+CONV_MODES = ("dense", "event")
+_CHUNK = 1 << 22  # scatter-add at most this many (spike, weight) pairs at once (bounded temporary memory)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate_bucket(x: torch.Tensor) -> int:
+    """Half-octave bucket of the fraction of non-zero inputs (-99: no input at all)."""
+    nz = int(torch.count_nonzero(x))
+    if nz == 0:
+        return -99
+    return math.floor(2 * math.log2(nz / x.numel()))
+
+
+def _ell(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, *payload: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Pack the entries ``(rows[j], cols[j], payload[j])`` (sorted by row) into ``[n_rows, K]`` tables, K the
+    largest row count; padding entries hold index 0 and value 0 (they add 0.0 somewhere harmless)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    K = max(1, int(counts.max())) if rows.numel() else 1
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+    out = []
+    for p in (cols, *payload):
+        t = torch.zeros((n_rows, K), dtype=p.dtype, device=p.device)
+        t[rows, pos] = p
+        out.append(t)
+    return tuple(out)
+
+
+class _EventMixin:
+    """Mode handling, calibration and the weight-structure cache shared by the event layers."""
+
+    MODES: tuple[str, ...] = ()
+
+    def _init_event(self, mode: str, repeats: int) -> None:
+        if mode != "auto" and mode not in self.MODES:
+            raise ValueError(f"mode must be 'auto' or one of {self.MODES}, got {mode!r}")
+        if int(repeats) < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.mode = mode
+        self.repeats = int(repeats)
+        self.calibration: dict[tuple, dict[str, float]] = {}
+        self.choice: dict[tuple, str] = {}
+        self.last_mode: str | None = None
+        self._struct: dict | None = None
+        self._struct_key: tuple | None = None
+
+    # ------------------------------------------------------------------------------------- structures
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+
+    def _structures(self) -> dict:
+        key = self._weight_key()
+        if self._struct is None or self._struct_key != key:
+            with torch.no_grad():
+                self._struct = self._build(self.weight.detach())
+            self._struct_key = key
+        return self._struct
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the index structures out; they are rebuilt on first use
+        state = self.__dict__.copy()
+        state["_struct"] = state["_struct_key"] = None
+        return state
+
+    @property
+    def density(self) -> float:
+        """Fraction of non-zero weights."""
+        return float(torch.count_nonzero(self.weight)) / max(1, self.weight.numel())
+
+    # ---------------------------------------------------------------------------------------- dispatch
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                            or (self.bias is not None and self.bias.requires_grad))
+
+    def _key(self, x: torch.Tensor) -> tuple:
+        return (tuple(x.shape), _rate_bucket(x))
+
+    def _run(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "dense":
+            return self._dense(x)
+        return getattr(self, f"_{mode}")(x, self._structures())
+
+    def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dense" or self._needs_grad(x):
+            self.last_mode = "dense"
+            return self._dense(x)
+        if self.mode != "auto":
+            self.last_mode = self.mode
+            return self._run(x, self.mode)
+        key = self._key(x)
+        mode = self.choice.get(key)
+        if mode is None:
+            return self._calibrate(x)
+        self.last_mode = mode
+        return self._run(x, mode)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, modes: Iterable[str] | None = None) -> torch.Tensor:
+        """Time every path (or ``modes``) on the layer input ``x`` (best of ``repeats`` runs after one warm-up; a
+        path still 10x slower than the best so far after two runs is not run again), remember the fastest for
+        ``x``'s key (shape, rate bucket) and return the layer's output. ``auto`` calls it by itself on every new
+        key; calling it directly re-times a key."""
+        x2, restore = self._flat(x)
+        return restore(self._calibrate(x2, modes))
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor, modes: Iterable[str] | None = None) -> torch.Tensor:
+        key = self._key(x)
+        self._structures()
+        times: dict[str, float] = {}
+        best_out = None
+        for mode in (self.MODES if modes is None else tuple(modes)):
+            y = self._run(x, mode)  # warm-up
+            best = math.inf
+            for i in range(self.repeats):
+                _sync(x.device)
+                t0 = time.perf_counter()
+                y = self._run(x, mode)
+                _sync(x.device)
+                best = min(best, time.perf_counter() - t0)
+                if i >= 1 and best > 10 * min(times.values(), default=math.inf):
+                    break
+            times[mode] = best
+            if best <= min(times.values()):
+                best_out = y
+        choice = min(times, key=times.get)
+        self.calibration[key] = times
+        self.choice[key] = choice
+        self.last_mode = choice
+        return best_out
+
+    def _event_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class EventLinear(_EventMixin, layers.Linear):
+    """``nn.Linear`` with event-driven inference paths (see the module docstring); ``mode`` is ``"auto"``,
+    ``"dense"``, ``"csr"``, ``"gather"`` or ``"event"``; ``repeats`` timed runs per path in calibration."""
+
+    MODES = LINEAR_MODES
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "auto",
+                 repeats: int = 3, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_event(mode, repeats)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "auto", repeats: int = 3) -> EventLinear:
+        """An ``EventLinear`` sharing ``linear``'s parameters (a ``weight_mask`` must be folded in first:
+        :func:`to_event_driven` does it)."""
+        if getattr(linear, "weight_mask", None) is not None:
+            raise ValueError("fold the connection mask into the weights first (spikeprune.compact or "
+                             "MaskEngine.remove); to_event_driven does both")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, repeats=repeats,
+                  device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, restore = self._flat(x)
+        return restore(self._dispatch(x2))
+
+    def _flat(self, x: torch.Tensor):
+        lead = x.shape[:-1]
+        return x.reshape(-1, self.in_features), lambda y: y.reshape(*lead, self.out_features)
+
+    # ---------------------------------------------------------------------------------------- the paths
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.weight, self.bias)
+
+    def _build(self, w: torch.Tensor) -> dict:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = w.to_sparse_csr()
+        cols, rows = (w != 0).t().nonzero(as_tuple=True)  # (input i, output o), sorted by input
+        out_idx, vals = _ell(cols, rows, self.in_features, w[rows, cols])
+        return {"csr": csr, "wt": w.t().contiguous(), "ell_idx": out_idx, "ell_val": vals}
+
+    def _bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _csr(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
+        return self._bias(torch.sparse.mm(st["csr"], x2.t()).t().contiguous())
+
+    @staticmethod
+    def _spikes(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Row, column and (for non-binary inputs) value of every non-zero input, sorted by row."""
+        r, c = x2.nonzero(as_tuple=True)
+        v = x2[r, c]
+        return r, c, (None if bool((v == 1).all()) else v)
+
+    def _gather(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
+        r, c, v = self._spikes(x2)
+        counts = torch.bincount(r, minlength=x2.shape[0])
+        offsets = torch.cumsum(counts, 0) - counts
+        y = F.embedding_bag(c, st["wt"], offsets, mode="sum", per_sample_weights=v)
+        return self._bias(y)
+
+    def _event(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
+        r, c, v = self._spikes(x2)
+        n_out = self.out_features
+        y = torch.zeros(x2.shape[0] * n_out, dtype=x2.dtype, device=x2.device)
+        idx, val = st["ell_idx"], st["ell_val"]
+        step = max(1, _CHUNK // idx.shape[1])
+        for i in range(0, r.numel(), step):
+            rr, cc = r[i:i + step], c[i:i + step]
+            tgt = idx.index_select(0, cc).add_((rr * n_out).unsqueeze(1))
+            w = val.index_select(0, cc)
+            if v is not None:
+                w.mul_(v[i:i + step].unsqueeze(1))
+            y.scatter_add_(0, tgt.flatten(), w.flatten())
+        return self._bias(y.view(x2.shape[0], n_out))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._event_repr()
+
+
+class EventConv2d(_EventMixin, layers.Conv2d):
+    """``Conv2d`` (``[T, B, C, H, W]`` or ``[B, C, H, W]``) with an event-driven path: every input spike at
+    ``(c, y, x)`` adds the non-zero taps of input channel ``c`` to the outputs it reaches. ``mode`` is ``"auto"``,
+    ``"dense"`` or ``"event"``. Needs ``groups=1``, zero padding given as numbers."""
+
+    MODES = CONV_MODES
+
+    def __init__(self, *args, mode: str = "auto", repeats: int = 3, **kw):
+        super().__init__(*args, **kw)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("EventConv2d needs groups=1 and numeric zero padding")
+        self._init_event(mode, repeats)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mode: str = "auto", repeats: int = 3) -> EventConv2d:
+        """An ``EventConv2d`` sharing ``conv``'s parameters (fold any ``weight_mask`` first)."""
+        if getattr(conv, "weight_mask", None) is not None:
+            raise ValueError("fold the connection mask into the weights first (spikeprune.compact or "
+                             "MaskEngine.remove); to_event_driven does both")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, mode=mode, repeats=repeats, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dim() != 4:  # unbatched [C, H, W]
+            return super()._conv_forward(x, weight, bias)
+        return self._dispatch(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._conv_forward(x, self.weight, self.bias)
+
+    def _flat(self, x: torch.Tensor):
+        if x.dim() == 5:  # [T, B, C, H, W]
+            T = x.shape[0]
+            return x.flatten(0, 1), lambda y: y.unflatten(0, (T, -1))
+        return x, lambda y: y
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _build(self, w: torch.Tensor) -> dict:
+        c, o, ky, kx = (w != 0).permute(1, 0, 2, 3).nonzero(as_tuple=True)  # taps sorted by input channel
+        ph, pw = self.padding
+        dh, dw = self.dilation
+        # output row of an input spike at row iy through tap ky: (iy + ph - ky * dh) / sh
+        return dict(zip(("o", "dy", "dx", "val"),
+                        _ell(c, o, self.in_channels, ph - ky * dh, pw - kx * dw, w[o, c, ky, kx])))
+
+    def _event(self, x: torch.Tensor, st: dict) -> torch.Tensor:
+        N, _, H, W = x.shape
+        Ho, Wo = self._out_hw(H, W)
+        sh, sw = self.stride
+        C_out = self.out_channels
+        n, c, iy, ix = x.nonzero(as_tuple=True)
+        v = x[n, c, iy, ix]
+        v = None if bool((v == 1).all()) else v
+        size = N * C_out * Ho * Wo
+        y = torch.zeros(size + 1, dtype=x.dtype, device=x.device)  # the last slot takes taps that fall outside
+        step = max(1, _CHUNK // st["o"].shape[1])
+        for i in range(0, n.numel(), step):
+            cc = c[i:i + step]
+            oy = st["dy"].index_select(0, cc).add_(iy[i:i + step].unsqueeze(1))
+            ox = st["dx"].index_select(0, cc).add_(ix[i:i + step].unsqueeze(1))
+            ok = (oy >= 0) & (ox >= 0)
+            if sh != 1:
+                ok &= oy.remainder(sh) == 0
+                oy = oy.div_(sh, rounding_mode="floor")
+            if sw != 1:
+                ok &= ox.remainder(sw) == 0
+                ox = ox.div_(sw, rounding_mode="floor")
+            ok &= (oy < Ho) & (ox < Wo)
+            tgt = st["o"].index_select(0, cc).add_(n[i:i + step].unsqueeze(1) * C_out)
+            tgt = torch.where(ok, tgt.mul_(Ho).add_(oy).mul_(Wo).add_(ox), size)
+            w = st["val"].index_select(0, cc)
+            if v is not None:
+                w = w * v[i:i + step].unsqueeze(1)
+            y.scatter_add_(0, tgt.flatten(), w.flatten())
+        y = y[:size].view(N, C_out, Ho, Wo)
+        return y if self.bias is None else y.add_(self.bias.view(1, -1, 1, 1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._event_repr()
+
+
+# ------------------------------------------------------------------------------------------- model swap
+def _eligible(m: nn.Module) -> bool:
+    if type(m) in (EventLinear, EventConv2d):
+        return False
+    if isinstance(m, nn.Linear):
+        return True
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+@torch.no_grad()
+def _spiking_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> set[str]:
+    """Names of the layers whose input was binary (0/1) in one forward of ``x``."""
+    modules = dict(model.named_modules())
+    binary: dict[str, bool] = {}
+    hooks = []
+    for n in names:
+        def hook(mod, inputs, n=n):
+            t = inputs[0]
+            binary[n] = binary.get(n, True) and bool(((t == 0) | (t == 1)).all())
+        hooks.append(modules[n].register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+        for m in model.modules():
+            if is_neuron(m) and callable(getattr(m, "reset", None)):
+                m.reset()
+    return {n for n, b in binary.items() if b}
+
+
+def to_event_driven(model: nn.Module, mode: str = "auto", example_input: torch.Tensor | None = None,
+                    layers: Iterable[str] | None = None, repeats: int = 3) -> nn.Module:
+    """Return an inference copy of ``model`` whose spiking-input Linear/Conv2d layers are event-driven.
+
+    The copy is :func:`~spikeprune.compact` of the model (connection masks folded into the weights, dead units
+    removed, no hooks), in eval mode. ``layers`` names the layers to swap; by default every Linear and
+    (groups=1) Conv2d whose input is binary in one forward of ``example_input`` (default
+    ``model.example_input(2)``), so the direct-encoded first layer stays dense. Without any example input, every
+    such layer but the first is swapped. ``mode``/``repeats`` go to each new layer."""
+    from .compact import compact
+
+    if example_input is None and hasattr(model, "example_input"):
+        example_input = model.example_input(2)
+    new = compact(model, example_input)
+    modules = dict(new.named_modules())
+    candidates = [n for n, m in modules.items() if n and _eligible(m)]
+    if layers is not None:
+        chosen = list(layers)
+        bad = [n for n in chosen if n not in candidates]
+        if bad:
+            raise ValueError(f"not swappable Linear/Conv2d layers: {bad}; candidates are {candidates}")
+    elif example_input is not None:
+        x = example_input.to(next(new.parameters()).device)
+        spiking = _spiking_inputs(new, x, candidates)
+        chosen = [n for n in candidates if n in spiking]
+    else:
+        chosen = candidates[1:]
+    for name in chosen:
+        m = modules[name]
+        swap = (EventLinear.from_linear(m, mode, repeats) if isinstance(m, nn.Linear)
+                else EventConv2d.from_conv(m, mode, repeats))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else new, attr, swap)
+    new.eval()
+    return new
+
+
+def event_layers(model: nn.Module) -> dict[str, EventLinear | EventConv2d]:
+    """The event-driven layers of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (EventLinear, EventConv2d))}
+
+
+def event_report(model: nn.Module) -> list[dict]:
+    """Per event-driven layer: its mode, weight density, and for every calibrated key (input shape, rate
+    bucket) the timings of each path and the choice."""
+    rows = []
+    for name, m in event_layers(model).items():
+        rows.append({"layer": name, "kind": "linear" if isinstance(m, nn.Linear) else "conv", "mode": m.mode,
+                     "density": m.density, "last_mode": m.last_mode,
+                     "calibration": [{"shape": list(k[0]), "rate_bucket": k[1], "choice": m.choice[k],
+                                      "seconds": dict(m.calibration[k])} for k in m.calibration]})
+    return rows

@@ -1,0 +1,96 @@
+"""Deep R (Bellec et al., ICLR 2018): rewiring under a fixed connection budget.
+
+Each connection has a sign ``s`` fixed at initialisation and a hidden ``θ ≥ 0`` with ``w = s·θ`` while active;
+here ``θ`` is implicit, ``θ = s·w``. The run's optimizer trains the active weights; after each step (from the
+run's learning rate η) the L1 term ``θ ← θ − η·l1`` and, with ``temperature`` T > 0, the noise
+``θ ← θ + sqrt(η)·T·N(0, 1)`` are applied to the active connections. A connection whose weight reached 0 or crossed
+it (``s·w ≤ 0``) becomes dormant (its mask bit goes off), and exactly as many dormant connections of that layer,
+drawn at random from the method's generator, are activated with ``w = eps·s``, so every layer keeps its budget
+(the connection count of its initial mask at ``target_density``) at every step.
+
+Chosen here [R]: the budget is exact per layer (Deep R re-activates each dormant connection with probability
+``(cur_s − max_s)/cur_s``, which keeps it only on average); the optimizer is the run's own (the reference uses
+Adam); a uniform initial mask (``init``); T ≡ sqrt(2·T_paper) as in the Grad R repository's Deep R; signs of exact
+zeros at initialisation are drawn at random.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..masks import init_masks
+from . import register_method
+from ._base import Method, MethodConfig
+from ._common import check_density, current_lr
+
+
+@dataclass
+class DeepRConfig(MethodConfig):
+    target_density: float = 0.1
+    init: Literal["uniform", "er", "erk"] = "uniform"
+    l1: float = 1e-5
+    temperature: float = 0.0
+    eps: float = 1e-8  # |w| of a re-activated connection
+
+    def validate(self, key: str) -> None:
+        check_density(self, key)
+        self.check(self.l1 >= 0, f"{key}.l1", f"must be >= 0, got {self.l1}")
+        self.check(self.temperature >= 0, f"{key}.temperature", f"must be >= 0, got {self.temperature}")
+        self.check(self.eps > 0, f"{key}.eps", f"must be > 0, got {self.eps}")
+
+
+@register_method("deep_r")
+class DeepR(Method):
+    Config = DeepRConfig
+    name = "deep_r"
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        self.signs: dict[str, torch.Tensor] = {}
+        self.budget: dict[str, int] = {}
+
+    def on_train_start(self, trainer: Any) -> None:
+        for n, layer in self.engine.layers.items():
+            w = layer.weight.detach()
+            coin = torch.rand(w.shape, generator=self.generator).to(w.device) < 0.5
+            self.signs[n] = torch.where(w != 0, w.sign(), torch.where(coin, 1.0, -1.0)).to(torch.int8)
+        init_masks(self.engine, self.cfg.init, self.cfg.target_density, self.generator)
+        self.budget = {n: int(m.sum()) for n, m in self.engine.masks().items()}
+
+    def on_step_end(self, trainer: Any) -> None:
+        self.rewire(current_lr(trainer))
+
+    @torch.no_grad()
+    def rewire(self, lr: float) -> int:
+        """L1 + noise on active θ, dormant where ``s·w ≤ 0``, random re-activation up to the budget."""
+        regrown = 0
+        for n, layer in self.engine.layers.items():
+            w, m, s = layer.weight, self.engine.mask(n), self.signs[n].to(layer.weight.dtype)
+            if self.cfg.l1:
+                w.addcmul_(s, m, value=-lr * self.cfg.l1)
+            if self.cfg.temperature:
+                noise = torch.randn(w.shape, generator=self.generator).to(w.device)
+                w.addcmul_(noise, m, value=self.cfg.temperature * math.sqrt(lr))
+            alive = m & (w * s > 0)
+            need = self.budget[n] - int(alive.sum())
+            if need == 0:  # alive ⊆ mask and the mask holds the budget: nothing died
+                continue
+            dormant = (~alive).flatten().nonzero().squeeze(1)  # draw `need` of them, uniformly
+            grow = torch.zeros_like(alive)
+            grow.view(-1)[dormant[torch.randperm(dormant.numel(), generator=self.generator)[:need].to(w.device)]] = True
+            self.engine.set_mask(n, alive | grow)
+            w[grow] = self.cfg.eps * s[grow]
+            regrown += int(grow.sum())
+        return regrown
+
+    def extra_state(self) -> dict:
+        return {"signs": {k: v.cpu() for k, v in self.signs.items()}, "budget": self.budget}
+
+    def load_extra_state(self, state: dict) -> None:
+        dev = {n: m.weight.device for n, m in self.engine.layers.items()}
+        self.signs = {k: v.to(dev[k]) for k, v in state.get("signs", {}).items()}
+        self.budget = dict(state.get("budget", {}))

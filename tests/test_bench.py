@@ -1,0 +1,141 @@
+"""`spikeprune bench`: a 2 methods x 2 densities grid on synthetic data (rows, resumability, plots), the bench schema,
+and the shipped bench recipes (every cell builds; nothing reads real data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from spikeprune import bench as B
+from spikeprune.cli import main as cli_main
+from spikeprune.config import ConfigError, from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = sorted((ROOT / "configs" / "bench").glob("*.yaml"))
+TINY = {"seed": 0, "model": {"name": "fc3", "T": 2, "options": {"hidden": [16, 12], "image_size": 8},
+                             "neuron": {"type": "lif", "v_threshold": 0.2}},
+        "data": {"name": "synthetic", "batch_size": 8, "eval_batch_size": 16,
+                 "options": {"n": 16, "in_shape": [1, 8, 8]}},
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "lr": 0.01, "progress": False, "device": "cpu"},
+        "measure": {"max_batches": 1}}
+
+
+def tiny_bench(tmp_path: Path) -> B.BenchConfig:
+    return from_dict(B.BenchConfig, {
+        "name": "tiny", "recipe": TINY, "out_dir": str(tmp_path / "out"), "densities": [0.5, 0.25], "seeds": [0],
+        "methods": [{"name": "gmp", "method": {"name": "magnitude", "update_every": 1}},
+                    {"name": "set", "method": {"name": "set"}}]})
+
+
+def test_bench_grid_rows_resume_and_plots(tmp_path, monkeypatch):
+    bench = tiny_bench(tmp_path)
+    lines: list[str] = []
+    res = B.run_bench(bench, tmp_path, log=lines.append)
+    assert res["cells"] == 5 and res["trained"] == 5
+    assert [ln for ln in lines if ln.startswith("cell ")][-1].startswith("cell 5/5 done")
+    assert any("ETA" in ln for ln in lines)
+    out = tmp_path / "out"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["target_density"]) for r in rows] == [
+        ("dense", ""), ("gmp", "0.5"), ("gmp", "0.25"), ("set", "0.5"), ("set", "0.25")]
+    assert [r["run"] for r in rows] == ["dense_s0", "gmp_d50_s0", "gmp_d25_s0", "set_d50_s0", "set_d25_s0"]
+    for r in rows:
+        want = 1.0 if r["method"] == "dense" else float(r["target_density"])
+        assert abs(float(r["connectivity"]) - want) <= 0.02
+        assert (out / "runs" / r["run"] / "results.json").is_file() and float(r["sops"]) >= 0
+    md = (out / "results.md").read_text()
+    assert "| gmp | 25 | 1 |" in md and "| dense |  | 1 |" in md
+    for name in ("acc_vs_connectivity.png", "acc_vs_sops.png", "layer_density.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second invocation trains nothing
+    from spikeprune.train import Trainer
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", refuse)
+    res = B.run_bench(bench, tmp_path, log=lambda *a: None)
+    assert res["trained"] == 0
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    # a cell without results.json is trained again (and only that one)
+    monkeypatch.undo()
+    (out / "runs" / "set_d25_s0" / "results.json").unlink()
+    assert B.run_bench(bench, tmp_path, log=lambda *a: None)["trained"] == 1
+
+
+def test_bench_schema_errors_name_the_key(tmp_path):
+    ok = {"recipe": TINY, "methods": [{"name": "gmp", "method": {"name": "magnitude"}}]}
+    for bad, key in (({"methods": [{"name": "gmp", "mehtod": {}}]}, "methods[0].mehtod"),
+                     ({"densities": [0.5, 1.5]}, "densities"),
+                     ({"methods": [{"name": "a b", "method": {"name": "set"}}]}, "methods[0].name"),
+                     ({"methods": [{"name": "x", "method": None}]}, "methods[0].target"),
+                     ({"methods": [{"name": "x", "method": {"name": "set"}},
+                                   {"name": "x", "method": {"name": "rigl"}, "densities": [0.1]}]}, "methods[1]"),
+                     ({"methods": [{"name": "x", "method": {"name": "set"}, "densities": [0.3]}]},
+                      "methods[0].densities"),
+                     ({"seeds": []}, "seeds")):
+        with pytest.raises(ConfigError, match=f"'{key}'".replace("[", r"\[").replace("]", r"\]")):
+            from_dict(B.BenchConfig, {**ok, **bad})
+    bad_option = [{"name": "gmp", "method": {"name": "magnitude", "scope": "x"}}]
+    bench = from_dict(B.BenchConfig, {**ok, "methods": bad_option})
+    with pytest.raises(ConfigError, match="bench cell gmp_d50_s0: config key 'method.scope'"):
+        B.cells(bench, tmp_path)
+
+
+def test_bench_maps_targets_and_overrides(tmp_path):
+    bench = from_dict(B.BenchConfig, {
+        "recipe": TINY, "out_dir": str(tmp_path), "densities": [0.25], "seeds": [1, 2], "dense": False,
+        "set": ["train.epochs=3"],
+        "methods": [{"name": "dyn", "method": {"name": "dynsnn"}, "target": "method.target_compression",
+                     "transform": "sparsity"},
+                    {"name": "sca", "method": {"name": "sca"}, "target": "method.keep", "offset": -0.05,
+                     "set": ["train.epochs=5"]}]})
+    grid = B.cells(bench, tmp_path, overrides=["train.lr=0.5"])
+    assert [c.name for c in grid] == ["dyn_d25_s1", "dyn_d25_s2", "sca_d25_s1", "sca_d25_s2"]
+    assert grid[0].cfg.method["target_compression"] == 0.75 and grid[2].cfg.method["keep"] == 0.2
+    assert [c.cfg.seed for c in grid] == [1, 2, 1, 2] and {c.cfg.train.lr for c in grid} == {0.5}
+    assert [c.cfg.train.epochs for c in grid] == [3, 3, 5, 5]
+    assert grid[0].run_dir == tmp_path / "runs" / "dyn_d25_s1"
+
+
+def test_bench_recipes_found_and_documented():
+    assert {p.stem for p in BENCHES} >= {"fmnist_fc3", "fmnist_convnet", "cifar10_cifarnet", "cifar10_resnet19"}
+    for p in BENCHES:
+        text = p.read_text()
+        assert text.startswith("# ") and "[R]" in text.split("\nname:")[0], p.name
+        bench, root = B.load_bench(p)
+        assert B.cells(bench, root), p.name  # every cell's run config validates
+    bench, root = B.load_bench(ROOT / "configs" / "bench" / "fmnist_fc3.yaml")
+    used = {(c.cfg.method or {}).get("name", "dense") for c in B.cells(bench, root)}
+    assert used >= {"dense", "magnitude", "lth", "set", "rigl", "deep_r", "grad_r", "stds", "admm", "eslsnn", "upr",
+                    "dynsnn", "pq_rewire"}
+
+
+@pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet"])
+def test_fmnist_bench_cells_build(name):
+    """Every cell of the Fashion-MNIST benches builds its trainer and method (on synthetic data of the same shape)."""
+    from spikeprune.train import Trainer
+
+    bench, root = B.load_bench(ROOT / "configs" / "bench" / f"{name}.yaml")
+    data = ["data.name=synthetic", "data.options={n: 4, in_shape: [1, 28, 28]}", "data.batch_size=2",
+            "train.device=cpu"]
+    for c in B.cells(bench, root, overrides=data):
+        Trainer(c.cfg, log=lambda *a: None)
+
+
+def test_cli_bench_dry_run_lists_cells(capsys, tmp_path):
+    path = ROOT / "configs" / "bench" / "fmnist_fc3.yaml"
+    assert cli_main(["bench", "--config", str(path), "--dry-run", "--set", "train.epochs=1",
+                     "--set", f"out_dir={json.dumps(str(tmp_path))}"]) == 0
+    out = capsys.readouterr().out
+    assert "dense_s0" in out and "rigl_d10_s0" in out and "grad_r_d50_s0" not in out
+    assert "39 cells: 0 done, 39 to train" in out and not (tmp_path / "runs").exists()
+    assert cli_main(["bench", "--config", str(path), "--dry-run", "--only", "rigl,dense"]) == 0
+    assert "4 cells" in capsys.readouterr().out
+    assert cli_main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 2
