@@ -176,7 +176,7 @@ def test_set_removes_smallest_positive_and_largest_negative():
     m, tr = setup("set", one_layer(), fraction=0.4)
     layer, old = hand_layer(m)
     m.update(tr.global_step)
-    new = m.engine.mask("0")
+    new = m.engine.mask("0").clone()
     # ⌊0.4·5⌋ = 2 of each sign: 0.1 and 0.2, -0.01 and -0.05
     gone = old & ~new
     assert gone.nonzero().tolist() == [[0, 1], [0, 3], [1, 0], [1, 4]]
@@ -219,7 +219,7 @@ def test_rigl_drops_smallest_and_grows_top_dense_gradient_inactive():
     assert torch.equal(m.grads["0"], grad.abs()) and not layer.weight.grad[~old].any()  # engine masked the copy
     tr.global_step = 5
     m.on_step_end(tr)
-    new = m.engine.mask("0")
+    new = m.engine.mask("0").clone()
     f = 0.15 * (1 + math.cos(math.pi * 5 / 30))  # drop ⌊f·10⌋ = 2 (f = 0.2799)
     assert int(f * 10) == 2
     assert (old & ~new).nonzero().tolist() == [[1, 0], [1, 4]]  # |w| = 0.05, 0.01
@@ -228,6 +228,14 @@ def test_rigl_drops_smallest_and_grows_top_dense_gradient_inactive():
     tr.global_step = 6
     m.on_step_end(tr)  # not an update step
     assert torch.equal(m.engine.mask("0"), new)
+    # only one inactive place has a gradient: one connection moves, the other dropped one stays
+    grad = torch.zeros(2, 8)
+    grad[0, 7] = 1.0
+    tr.global_step = 9
+    dense_step(m, {"0": grad})
+    tr.global_step = 10
+    m.on_step_end(tr)
+    assert int(m.engine.mask("0").sum()) == 10 and (m.engine.mask("0") & ~new).nonzero().tolist() == [[0, 7]]
 
 
 # ============================================================================================ ESL-SNN
@@ -445,7 +453,7 @@ def test_upr_soft_masks_in_search_hard_masks_after():
     assert torch.allclose(neuron(u), plain * torch.sigmoid(7.0 * m.theta_n["body.3"]))
     tr.epoch = 0
     m.on_epoch_end(tr, {})  # the search ends
-    assert not m.searching and m.delta == 0.0
+    assert not m.searching and m.delta == (0.0, 0.0)
     for n, t in m.theta_w.items():
         assert torch.equal(m.engine.mask(n), t > 0)
     for n, t in m.theta_n.items():
@@ -464,10 +472,14 @@ def test_upr_penalty_gradient_and_target_offset():
     m.on_step_end(tr)  # no task gradient: the penalty alone lowers every θ (Adam's first step: -lr)
     for n, t in m.theta_w.items():
         assert torch.allclose(t.detach(), before[n] - 1e-3, atol=1e-6)
-    m.finish_search()  # the common offset puts the folded hard masks exactly at the target
-    assert m.engine.density() == pytest.approx(0.2, abs=2e-3)
+    with torch.no_grad():
+        m.theta_n["body.3"][:20] = -1.0  # 20 of 32 units off: their rows and columns leave with them
+    m.finish_search()  # common offsets put the folded hard masks exactly at the target
+    assert m.engine.density() == pytest.approx(0.2, abs=2e-3) and m.delta[0] < 0 < m.delta[1]
     for n, t in m.theta_w.items():
         assert torch.equal(m.engine.mask(n), t > 0)
+    for n, t in m.theta_n.items():
+        assert torch.equal(m.engine.unit_mask(n), t > 0)
 
 
 # ============================================================================================ configs

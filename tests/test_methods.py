@@ -556,3 +556,24 @@ def test_method_config_names_and_valid_edges():
     assert method_config({"name": "dynsnn", "freeze_epoch": 0, "kappa_lr": 0}).freeze_epoch == 0
     assert create_method("dynsnn", kappa=0.3).cfg.kappa == 0.3
     assert create_method({"name": "sca", "keep": 0.5}).cfg.keep == 0.5
+
+
+def test_dynsnn_target_ramps_cubically_after_warmup():
+    m, _ = setup("dynsnn", fc(), target_compression=0.6, ramp_epochs=4, warmup_epochs=1)
+    # target(p) = 0.6 * (1 - (1 - p)^3), p = (progress - warmup) / ramp
+    for progress, want in [(0.5, 0.0), (1.0, 0.0), (2.0, 0.6 * (1 - 0.75 ** 3)), (3.0, 0.6 * (1 - 0.5 ** 3)),
+                           (5.0, 0.6), (9.0, 0.6)]:
+        m.progress = progress
+        assert m.current_target() == pytest.approx(want, abs=1e-12)
+    m2, _ = setup("dynsnn", fc(), target_compression=0.6)  # no ramp: the final target at once
+    assert m2.current_target() == 0.6
+
+
+def test_dynsnn_reference_all_ignores_which_units_are_alive():
+    m, _ = setup("dynsnn", fc(), kappa=1.0, reference="all", warmup_epochs=0, min_alive=0.0)
+    a3 = [float(i) for i in range(32)]  # mean 15.5 -> units 16..31 stay
+    set_activity(m, {"body.3": a3, "body.5": [1.0] * 24})
+    m.update()
+    assert m.engine.unit_mask("body.3").tolist() == [i >= 15.5 for i in range(32)]
+    m.update()  # with reference "alive" the mean would now be 23.5 and more units would go; with "all" nothing moves
+    assert int(m.engine.unit_mask("body.3").sum()) == 16

@@ -13,8 +13,9 @@ Choices (record them with results):
 
 * **ANN twin** — :func:`ann_from_snn` mirrors a zoo model layer by layer: neurons become ``ReLU``, the direct
   encoder ``Repeat`` is dropped (T=1, static input), ``Dropout`` is kept for training and skipped by conversion.
-  ``train_ann(..., activity_l1=α)`` optionally adds a firing-rate penalty ``α · Σ_ℓ mean(a_ℓ)`` on the hidden
-  ReLUs [R], so the units the task does not need fade during training (DynSNN then finds them).
+  ``train_ann`` can add a firing-rate penalty (``activity_l1``) or a unit-level Hoyer sparsity penalty
+  (``unit_hoyer``) on the hidden ReLUs [R], so the units the task does not need fade during training (DynSNN then
+  finds them).
   Max-pooling is refused: the max of spike trains is not the spike train of the max (the usual fixes — gating by
   rate or lateral inhibition — are not implemented). Spiking read-outs and voting layers are refused as well.
 * **BN folding** — :func:`fold_bn` merges every BatchNorm into the Conv/Linear right before it (eval statistics).
@@ -37,9 +38,9 @@ Choices (record them with results):
   reaches it is found by bisection. Units are masked with the mask engine's unit masks (at least ``min_alive`` of
   each layer survive). Optionally (``compensate``, [R]) the mean input each dead unit sent to its consumers is
   folded into their biases (mean replacement). Then thresholds are re-balanced: the calibration is re-run on the
-  masked ANN (dead units' fan-in rows and biases zeroed) and λ, V_th and the biases are updated. Compression = ``1 − density`` of the
-  effective weights (a masked unit loses its fan-in row and fan-out column), as :func:`spikeprune.measure.measure`
-  reports it.
+  masked ANN (dead units' fan-in rows and biases zeroed) and λ, V_th and the biases are updated. Compression =
+  ``1 − density`` of the effective weights (a masked unit loses its fan-in row and fan-out column), as
+  :func:`spikeprune.measure.measure` reports it.
 """
 
 from __future__ import annotations
@@ -177,18 +178,36 @@ def evaluate_ann(ann: nn.Module, loader, max_batches: int | None = None) -> floa
 def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, lr: float = 1e-3,
               optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9, scheduler: str = "cosine",
               max_steps_per_epoch: int | None = None, log: Callable[[str], None] | None = print,
-              activity_l1: float = 0.0) -> float | None:
+              activity_l1: float = 0.0, unit_hoyer: float = 0.0) -> float | None:
     """Train ``ann`` with cross-entropy (Adam or SGD, cosine or constant lr); print one line per epoch and return
     the final test accuracy (None without ``test_loader``).
 
     ``activity_l1`` > 0 adds ``activity_l1 · Σ_ℓ mean(a_ℓ)`` over the hidden ReLU outputs (a firing-rate
-    penalty: after conversion the rates are ``a/λ``), so units the task does not need fade during training."""
-    if epochs < 0 or lr <= 0 or activity_l1 < 0:
-        raise ValueError(f"need epochs >= 0, lr > 0 and activity_l1 >= 0, got {epochs=}, {lr=}, {activity_l1=}")
+    penalty: after conversion the rates are ``a/λ``). Being scale-invariant in neither direction, it mostly shrinks
+    activations (the next layer scales back up) rather than silencing units.
+
+    ``unit_hoyer`` > 0 adds ``unit_hoyer · Σ_ℓ H_ℓ`` with the scale-invariant Hoyer measure of unit activity
+    ``H_ℓ = Σ_i r_i / (sqrt(n_ℓ) · sqrt(Σ_i r_i²))``, ``r_i`` the RMS activation of unit ``i`` (channel ``i`` in conv
+    layers) over the batch [R]: it concentrates the activity of each layer into fewer units, so the others fade."""
+    if epochs < 0 or lr <= 0 or activity_l1 < 0 or unit_hoyer < 0:
+        raise ValueError(f"need epochs >= 0, lr > 0, activity_l1 >= 0 and unit_hoyer >= 0, got {epochs=}, {lr=}, "
+                         f"{activity_l1=}, {unit_hoyer=}")
     dev = _device_of(ann)
     acts: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda mod, i, o: acts.append(o.mean()) if mod.training else None)
-               for m in ann.modules() if isinstance(m, nn.ReLU)] if activity_l1 > 0 else []
+
+    def penalty_hook(mod, inputs, out):
+        if not mod.training:
+            return
+        pen = out.new_zeros(())
+        if activity_l1 > 0:
+            pen = pen + activity_l1 * out.mean()
+        if unit_hoyer > 0:
+            r = out.transpose(0, 1).reshape(out.shape[1], -1).square().mean(1).add(1e-12).sqrt()
+            pen = pen + unit_hoyer * r.sum() / (math.sqrt(r.numel()) * r.square().sum().sqrt())
+        acts.append(pen)
+
+    handles = [m.register_forward_hook(penalty_hook) for m in ann.modules() if isinstance(m, nn.ReLU)] \
+        if activity_l1 > 0 or unit_hoyer > 0 else []
     if optimizer == "adam":
         opt = torch.optim.Adam(ann.parameters(), lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -212,7 +231,7 @@ def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, 
             out = ann(x)
             loss = F.cross_entropy(out, y)
             if acts:
-                penalty = activity_l1 * torch.stack(acts).sum()
+                penalty = torch.stack(acts).sum()
                 pen_tot += penalty.item() * len(y)
                 loss = loss + penalty
             opt.zero_grad(set_to_none=True)
@@ -227,7 +246,7 @@ def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, 
         if log is not None:
             msg = f"ann epoch {ep + 1}/{epochs}: loss {tot / max(1, n):.4f}"
             if handles:
-                msg += f" (activity penalty {pen_tot / max(1, n):.4f})"
+                msg += f" (penalty {pen_tot / max(1, n):.4f})"
             msg += f", train acc {100 * correct / max(1, n):.2f}%"
             if acc is not None:
                 msg += f", test acc {100 * acc:.2f}%"
@@ -840,6 +859,7 @@ class ANNTrainConfig:
     momentum: float = 0.9
     scheduler: Literal["cosine", "none"] = "cosine"
     activity_l1: float = 0.0  # firing-rate (activation) L1 penalty on the hidden ReLUs, see train_ann
+    unit_hoyer: float = 0.0  # unit-level Hoyer sparsity penalty on the hidden ReLUs (fading units), see train_ann
     max_steps_per_epoch: int | None = None
     checkpoint: str | None = None  # load this ANN state dict instead of training (else RUN_DIR/ann.pt is written)
     reuse: bool = True  # load RUN_DIR/ann.pt when it exists and was trained with the same settings
@@ -851,6 +871,7 @@ class ANNTrainConfig:
         _check(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _check(self.activity_l1 >= 0, f"{key}.activity_l1", "must be >= 0")
+        _check(self.unit_hoyer >= 0, f"{key}.unit_hoyer", "must be >= 0")
 
 
 @dataclass
@@ -1023,7 +1044,7 @@ def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None)
         a = cfg.ann
         log(f"training the ANN twin of {cfg.model.name} for {a.epochs} epochs ({a.optimizer}, lr {a.lr})")
         train_ann(ann, train, None, a.epochs, a.lr, a.optimizer, a.weight_decay, a.momentum, a.scheduler,
-                  a.max_steps_per_epoch, log, a.activity_l1)
+                  a.max_steps_per_epoch, log, a.activity_l1, a.unit_hoyer)
         ann_time = time.time() - t0
         _write_atomic(ann_path, lambda p: torch.save(ann.state_dict(), p))
         fp_path.write_text(json.dumps({"settings": fp, "train_seconds": ann_time}, indent=2))

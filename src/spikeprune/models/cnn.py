@@ -41,7 +41,7 @@ def pooled(image_size: int, factor: int, name: str) -> int:
 
 @register_model("convnet")
 def convnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, T: int = 4, neuron="lif",
-            encoding: str = "direct", channels: tuple[int, int] = (32, 64),
+            encoding: str = "direct", channels: tuple[int, int] = (16, 32),
             hidden: int = 256) -> SequentialSNN:
     """Small CNN for 28x28 inputs on a CPU: 2x[conv3x3+BN+maxpool2+LIF] -> FC(hidden)+LIF -> FC(classes).
 

@@ -71,12 +71,13 @@ def magnitude_masks(engine, density: float, scope: str = "layer",
     return {n: k.view_as(scores[n]) for n, k in zip(scores, keep.split([s.numel() for s in scores.values()]))}
 
 
-def regrow(mask: torch.Tensor, drop: torch.Tensor, grow_score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove ``drop`` from ``mask`` and grow as many of the previously inactive entries with the largest
-    ``grow_score``. Where too few are inactive (a dense layer), the best dropped ones come back, so the count is
+def regrow(mask: torch.Tensor, drop: torch.Tensor, grow_score: torch.Tensor,
+           growable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove ``drop`` from ``mask`` and grow as many of the previously inactive (and ``growable``) entries with the
+    largest ``grow_score``. Where too few qualify (a dense layer), the best dropped ones come back, so the count is
     always kept. Returns ``(new mask, grown)``."""
     n = int(drop.sum())
-    grow = pick(grow_score, n, ~mask)
+    grow = pick(grow_score, n, ~mask if growable is None else ~mask & growable)
     short = n - int(grow.sum())
     if short > 0:
         grow = grow | pick(grow_score, short, drop)
@@ -150,7 +151,8 @@ class HiddenWeightMethod(Method):
     def write(self) -> None:
         for n, layer in self.engine.layers.items():
             mask, w = self.mask_and_weight(n, self.hidden.theta[n].detach())
-            self.engine.set_mask(n, mask)
+            if not torch.equal(mask, self.engine.mask(n)):  # (a mask change is checked across DDP ranks)
+                self.engine.set_mask(n, mask)
             layer.weight.copy_(w)
 
     def extra_state(self) -> dict:
@@ -241,7 +243,10 @@ class DropGrow(Method):
         moved = 0
         for name, layer in self.engine.layers.items():
             w, m = layer.weight, self.engine.mask(name)
-            new, grown = regrow(m, self.drop_mask(w, m, f), self.grow_score(name, w))
+            score = self.grow_score(name, w)
+            # a zero-init connection with no gradient would stay 0 (pruned, as measured): keep a dropped one instead
+            growable = score > 0 if self.cfg.grow_init == "zero" else None
+            new, grown = regrow(m, self.drop_mask(w, m, f), score, growable)
             self.engine.set_mask(name, new)
             if self.cfg.grow_init == "random" and grown.any():
                 bound = 1 / math.sqrt(w[0].numel())

@@ -5,12 +5,16 @@ For every prunable spiking layer an EMA of each unit's would-be firing rate is k
 mask so masked neurons keep integrating and can come back. Every ``update_every`` steps the threshold
 ``θ_ℓ = κ · mean(activity of alive units)`` is recomputed and ``mask = activity >= θ_ℓ``. With
 ``target_compression`` set, κ itself is learned: after each update it moves by ``κ ← κ·exp(κ_lr·(target −
-compression))`` so the run settles at the requested fraction of removed weights. Masks freeze at
+compression))`` so the run settles at the requested fraction of removed weights; ``ramp_epochs`` raises that
+target along a cubic ramp (as in gradual magnitude pruning) so the network is not cut by half in one update.
+``reference: all`` takes the mean over all units instead of the alive ones, which removes a feedback loop
+(masking a unit raises the alive mean, which masks more units). Masks freeze at
 ``freeze_epoch`` for fine-tuning. Conv layers are masked per channel. Compression = removed weights (a masked
 unit loses its fan-in row and fan-out column), measured from the effective weights.
 
 Left open by the paper and chosen here [R]: the EMA (β=0.9), the κ·mean threshold rule, the update period, the
-κ controller, per-channel masks in conv layers, and no co-activity term.
+κ controller and its ramp, the reference set of the mean, per-channel masks in conv layers, and no co-activity
+term.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class DynSNNConfig(MethodConfig):
     percentile: float = 10.0  # with threshold: percentile, θ is this percentile of alive activity (× κ/κ0)
     target_compression: float | None = None
     kappa_lr: float = 2.0
+    ramp_epochs: float = 0.0  # the target compression rises (cubic) over this many epochs after warm-up
+    reference: Literal["alive", "all"] = "alive"  # which units' mean activity sets θ
     update_every: int = 100  # steps between mask updates
     warmup_epochs: int = 1
     freeze_epoch: int | None = None  # masks stop changing from this epoch (0-based) on
@@ -46,6 +52,7 @@ class DynSNNConfig(MethodConfig):
         self.check(self.target_compression is None or 0 <= self.target_compression < 1,
                    f"{key}.target_compression", f"must be in [0, 1) or null, got {self.target_compression}")
         self.check(self.kappa_lr >= 0, f"{key}.kappa_lr", f"must be >= 0, got {self.kappa_lr}")
+        self.check(self.ramp_epochs >= 0, f"{key}.ramp_epochs", f"must be >= 0, got {self.ramp_epochs}")
         self.check(self.update_every >= 1, f"{key}.update_every", "must be >= 1")
         self.check(self.freeze_epoch is None or self.freeze_epoch >= 0, f"{key}.freeze_epoch",
                    f"must be >= 0 or null, got {self.freeze_epoch}")
@@ -63,6 +70,7 @@ class DynSNN(Method):
         self.neurons = self.engine.enable_units()
         self.monitor = ActivityMonitor(self.engine.model, self.neurons, "spikes", ema=self.cfg.beta)
         self.kappa = self.cfg.kappa
+        self.progress = 0.0
         self.compression = 0.0
         self.dense_nonzero = None
 
@@ -71,6 +79,9 @@ class DynSNN(Method):
         return trainer.epoch >= self.cfg.warmup_epochs and not frozen
 
     def on_step_end(self, trainer: Any) -> None:
+        loader = getattr(trainer, "train_loader", None)
+        per_epoch = len(loader) if loader is not None and hasattr(loader, "__len__") else 0
+        self.progress = trainer.epoch + (getattr(trainer, "step_in_epoch", 0) / per_epoch if per_epoch else 0.0)
         if self._active(trainer) and trainer.global_step % self.cfg.update_every == 0:
             self.update()
 
@@ -83,7 +94,7 @@ class DynSNN(Method):
                 continue
             alive = self.engine.unit_mask(n)
             a = acts[n].to(alive.device)  # (a resumed monitor holds CPU tensors)
-            ref = a[alive] if alive.any() else a
+            ref = a[alive] if (self.cfg.reference == "alive" and alive.any()) else a
             if self.cfg.threshold == "mean":
                 theta = self.kappa * ref.mean()
             else:
@@ -96,7 +107,15 @@ class DynSNN(Method):
             self.engine.set_unit_mask(n, mask)
         self.compression = 1 - self.engine.density()
         if self.cfg.target_compression is not None:
-            self.kappa *= math.exp(self.cfg.kappa_lr * (self.cfg.target_compression - self.compression))
+            self.kappa *= math.exp(self.cfg.kappa_lr * (self.current_target() - self.compression))
+
+    def current_target(self) -> float:
+        """The compression κ is steered to now: the final target, reached by a cubic ramp (Zhu & Gupta)."""
+        c = self.cfg
+        if c.target_compression is None or c.ramp_epochs <= 0:
+            return c.target_compression or 0.0
+        p = min(1.0, max(0.0, (self.progress - c.warmup_epochs) / c.ramp_epochs))
+        return c.target_compression * (1 - (1 - p) ** 3)
 
     def epoch_metrics(self, trainer: Any) -> dict:
         alive = sum(int(self.engine.unit_mask(n).sum()) for n in self.neurons)

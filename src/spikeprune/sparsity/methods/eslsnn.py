@@ -8,7 +8,7 @@ gradient; ``grow: gradient`` uses the step's gradient instead), with the cosine-
 
 The paper gives no code; chosen here [R]: momentum growth (the sparse-momentum rule the same group uses in its
 ICLR'25 work), ``fraction`` 0.3 with cosine decay, ``update_every`` 100, ``end`` 0.75, momentum 0.9, ER with the
-kernel size ignored, grown weights at 0.
+kernel size ignored, grown weights at 0, no growth where the momentum is exactly 0 (as in ``rigl``).
 """
 
 from __future__ import annotations

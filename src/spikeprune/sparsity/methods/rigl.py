@@ -6,9 +6,10 @@ steps until ``T_end = end · steps`` (0.75 of the run), each layer drops ``⌊f(
 inactive connections with the largest ``|∂L/∂w|`` of the dense gradient of the update step (read through the mask
 engine's ``dense_grad_hooks`` before the engine masks it). Grown weights start at 0 with clean optimizer state.
 
-Left open or chosen here [R]: connections dropped at a step cannot be regrown at that same step (except in a layer
-with too few inactive places, e.g. one ERK leaves dense, where the best dropped ones stay); the gradient is that of
-one mini-batch, averaged over DDP ranks.
+Left open or chosen here [R]: connections dropped at a step cannot be regrown at that same step, and inactive
+connections whose gradient is exactly 0 (e.g. from a silent neuron) are not grown, since a zero-init weight without
+gradient would stay 0; where too few places qualify (e.g. a layer ERK leaves dense) the best dropped ones stay, so the
+count is kept. The gradient is that of one mini-batch, averaged over DDP ranks.
 """
 
 from __future__ import annotations

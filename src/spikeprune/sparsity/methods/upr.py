@@ -19,10 +19,11 @@ installed through the mask engine (``set_mask``; ``enable_units``/``set_unit_mas
 magnitude [R]. With ``target_density`` set, λ is then adapted after each step [R], ``λ ← λ·(ρ_pred/ρ_ref)^gain``,
 with ρ the density the hard masks would give now (units folded in), extrapolated ``control_horizon`` ahead from its
 trend, and ρ_ref gliding cubically from 1 to the target at ``control_end`` of the search. As the masks freeze while
-τ grows, the controller cannot always land exactly; so at the end of the search every θ_w is lowered by the common
-offset δ that makes the hard masks hold exactly ``target_density`` [R] (δ is reported as ``theta_offset``; it is
-small when the controller landed). ``target_density: null`` keeps λ fixed and δ = 0 (the paper sweeps λ:
-1e-11 on CIFAR-10).
+τ grows, the controller cannot always land exactly; so at the end of the search [R] every mask parameter is lowered
+by the common offset δ (the largest that keeps at least the target, units folded in) and the weight parameters by a
+further ε (the quantile that removes the surplus), so the hard masks hold exactly ``target_density``; ``(δ, ε)`` is
+reported as ``theta_offsets`` (small when the controller landed). ``target_density: null`` keeps λ fixed and
+applies no offset (the paper sweeps λ: 1e-11 on CIFAR-10).
 
 Chosen here [R]: unit masks per channel for conv layers (UPR masks every neuron position), units of residual-coupled
 layers are not masked, ``search_epochs: null`` = 80% of the run (UPR: 800 + 200 epochs), mask lr 1e-3, the task
@@ -106,6 +107,8 @@ class UPRConfig(MethodConfig):
         self.check(self.mask_lr > 0, f"{key}.mask_lr", f"must be > 0, got {self.mask_lr}")
         self.check(self.control_gain > 0, f"{key}.control_gain", f"must be > 0, got {self.control_gain}")
         self.check(0 < self.control_end <= 1, f"{key}.control_end", f"must be in (0, 1], got {self.control_end}")
+        self.check(0 < self.control_horizon <= 1, f"{key}.control_horizon",
+                   f"must be in (0, 1], got {self.control_horizon}")
 
 
 @register_method("upr")
@@ -116,7 +119,6 @@ class UPR(Method):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         c, epochs = self.cfg, trainer.cfg.train.epochs
-        self.trainer = trainer
         self.search_epochs = max(1, round(0.8 * epochs)) if c.search_epochs is None else c.search_epochs
         c.check(self.search_epochs <= max(1, epochs), "method.search_epochs",
                 f"must be <= train.epochs ({epochs}), got {self.search_epochs}")
@@ -124,7 +126,7 @@ class UPR(Method):
         self.modules = dict(self.engine.model.named_modules())
         self.neurons = self.engine.enable_units() if c.prune_neurons else []
         self.cost_w, self.cost_n = self._costs(trainer.example_input)
-        self.theta_w = {n: nn.Parameter(torch.full_like(m.weight, c.theta_init, requires_grad=True))
+        self.theta_w = {n: nn.Parameter(torch.full_like(m.weight.detach(), c.theta_init))
                         for n, m in self.engine.layers.items()}
         dev = next(self.engine.model.parameters()).device
         self.theta_n = {g: nn.Parameter(torch.full((self.engine.group(g).units,), c.theta_init, device=dev))
@@ -137,14 +139,14 @@ class UPR(Method):
         self.scaled = c.lmbda is not None
         self.tau = c.temp_init
         self.searching = True
-        self.delta = 0.0
+        self.delta = (0.0, 0.0)
         self._saved: dict[nn.Module, nn.Parameter] = {}
         self._handles: list = []
         self._install()
 
     # ------------------------------------------------------------------------------ costs and hooks
     @torch.no_grad()
-    def _costs(self, x: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def _costs(self, x: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
         """λ_w per layer (output positions) and λ_n per unit (synapses one spike reaches downstream)."""
         shapes: dict[str, tuple] = {}
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
@@ -207,33 +209,36 @@ class UPR(Method):
         return p + sum(self.cost_n[n] * torch.sigmoid(self.tau * t).sum() for n, t in self.theta_n.items())
 
     @torch.no_grad()
-    def hard_masks(self, theta_w: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The connection masks ``θ_w > 0`` with the units ``θ_n ≤ 0`` folded in (what fine-tuning will use)."""
-        theta_w = self.theta_w if theta_w is None else theta_w
-        masks = {n: (t > 0).float() for n, t in theta_w.items()}
+    def hard_masks(self, shift: float = 0.0) -> dict[str, torch.Tensor]:
+        """The connection masks ``θ_w − shift > 0`` with the units ``θ_n − shift ≤ 0`` folded in (what fine-tuning
+        will use)."""
+        masks = {n: (t > shift).float() for n, t in self.theta_w.items()}
         groups = [self.engine.group(n) for n in self.neurons]
         for g in groups:  # tied layers the engine does not prune still take the fold
             for n in [*g.producers, *(c for c, _ in g.consumers)]:
                 masks.setdefault(n, torch.ones_like(self.modules[n].weight))
-        units = {n: SimpleNamespace(unit_mask=t > 0) for n, t in self.theta_n.items()}
+        units = {n: SimpleNamespace(unit_mask=t > shift) for n, t in self.theta_n.items()}
         fold_units(masks, groups, {**self.modules, **units})
-        return {n: masks[n] for n in theta_w}
+        return {n: masks[n] for n in self.theta_w}
 
-    def hard_density(self) -> float:
-        ms = self.hard_masks().values()
+    def hard_density(self, shift: float = 0.0) -> float:
+        ms = self.hard_masks(shift).values()
         return sum(float(m.sum()) for m in ms) / max(1, sum(m.numel() for m in ms))
 
     @torch.no_grad()
-    def offset(self) -> float:
-        """δ such that the hard masks of ``θ_w − δ`` (units folded in) hold exactly ``target_density``."""
-        alive = self.hard_masks({n: torch.ones_like(t) for n, t in self.theta_w.items()})
-        vals = torch.cat([t[alive[n].bool()] for n, t in self.theta_w.items()])
-        keep = round(self.cfg.target_density * sum(t.numel() for t in self.theta_w.values()))
-        if vals.numel() == 0:
-            return 0.0
-        if keep >= vals.numel():  # the units leave too few places: keep them all
-            return float(vals.min()) - 1e-6
-        return float(vals.kthvalue(vals.numel() - keep).values)
+    def offsets(self) -> tuple[float, float]:
+        """``(δ, ε)``: lowering every θ by δ (bisection: the largest δ that keeps at least ``target_density``, units
+        folded in) and then θ_w alone by ε (the quantile that removes the surplus weights) leaves exactly the target."""
+        target = self.cfg.target_density
+        ts = [*self.theta_w.values(), *self.theta_n.values()]
+        lo, hi = min(float(t.min()) for t in ts) - 1, max(float(t.max()) for t in ts) + 1
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.hard_density(mid) >= target else (lo, mid)
+        masks = self.hard_masks(lo)
+        on = torch.cat([(t - lo)[masks[n].bool()] for n, t in self.theta_w.items()])
+        surplus = on.numel() - round(target * sum(t.numel() for t in self.theta_w.values()))
+        return lo, (float(on.kthvalue(surplus).values) if surplus > 0 else 0.0)
 
     def on_step_end(self, trainer: Any) -> None:
         if not self.searching:
@@ -269,15 +274,17 @@ class UPR(Method):
         self._remove()
         self.searching = False
         if self.cfg.target_density is not None:
-            self.delta = self.offset()
+            self.delta = self.offsets()
+            for t in self.theta_n.values():
+                t.sub_(self.delta[0])
             for t in self.theta_w.values():
-                t.sub_(self.delta)
+                t.sub_(sum(self.delta))
         for n, t in self.theta_w.items():
             self.engine.set_mask(n, t > 0)
         for n, t in self.theta_n.items():
             self.engine.set_unit_mask(n, t > 0)
         self.history.append({"search_end": True, "density": self.engine.density(), "lambda": self.lmbda.value,
-                             "theta_offset": self.delta})
+                             "theta_offsets": self.delta})
 
     # ------------------------------------------------------------------------------- reporting
     def epoch_metrics(self, trainer: Any) -> dict:
@@ -287,7 +294,7 @@ class UPR(Method):
         return out
 
     def summary(self) -> dict:
-        return {"lambda": self.lmbda.value, "search_epochs": self.search_epochs, "theta_offset": self.delta,
+        return {"lambda": self.lmbda.value, "search_epochs": self.search_epochs, "theta_offsets": self.delta,
                 "units_alive": {n: int(self.engine.unit_mask(n).sum()) for n in self.neurons}}
 
     def extra_state(self) -> dict:
@@ -305,6 +312,6 @@ class UPR(Method):
             self.opt.load_state_dict(state["opt"])
         self.lmbda.load_state_dict(state.get("lmbda", {}))
         self.scaled, self.tau = state.get("scaled", self.scaled), state.get("tau", self.tau)
-        self.searching, self.delta = state.get("searching", True), state.get("delta", 0.0)
+        self.searching, self.delta = state.get("searching", True), tuple(state.get("delta", (0.0, 0.0)))
         if not self.searching:
             self._remove()
