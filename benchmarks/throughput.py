@@ -61,6 +61,7 @@ from spikeprune.models import create_model
 from spikeprune.neurons import BaseNeuron
 
 CONFIGS = [("fc3", 4), ("fc3", 8), ("convnet", 4)]
+CONV_CHANNELS = (16, 32)  # spikeprune convnet defaults
 TAU = 2.0
 
 
@@ -115,11 +116,13 @@ class SJNet(nn.Module):
             self.body = nn.Sequential(lif(), layer.Linear(800, 800, bias=False, step_mode="m"), lif(),
                                       layer.Linear(800, 10, bias=False, step_mode="m"))
         else:
-            self.stem = nn.Sequential(layer.Conv2d(1, 32, 3, 1, 1, bias=False), layer.BatchNorm2d(32))
+            c1, c2 = CONV_CHANNELS  # spikeprune's convnet: conv -> BN -> maxpool -> LIF (the first pool is static)
+            self.stem = nn.Sequential(layer.Conv2d(1, c1, 3, 1, 1, bias=False), layer.BatchNorm2d(c1),
+                                      layer.MaxPool2d(2))
             self.body = nn.Sequential(
-                lif(), layer.MaxPool2d(2, step_mode="m"), layer.Conv2d(32, 64, 3, 1, 1, bias=False, step_mode="m"),
-                layer.BatchNorm2d(64, step_mode="m"), lif(), layer.MaxPool2d(2, step_mode="m"),
-                layer.Flatten(step_mode="m"), layer.Linear(64 * 7 * 7, 256, bias=False, step_mode="m"), lif(),
+                lif(), layer.Conv2d(c1, c2, 3, 1, 1, bias=False, step_mode="m"),
+                layer.BatchNorm2d(c2, step_mode="m"), layer.MaxPool2d(2, step_mode="m"), lif(),
+                layer.Flatten(step_mode="m"), layer.Linear(c2 * 7 * 7, 256, bias=False, step_mode="m"), lif(),
                 layer.Linear(256, 10, bias=False, step_mode="m"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +150,10 @@ class SnnTorchNet(nn.Module):
             self.lifs = [self.lif1, self.lif2]
             self.pre_neuron = ["fc1.weight", "fc2.weight"]
         else:
-            self.conv1, self.bn1, self.lif1 = nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), lif()
-            self.conv2, self.bn2, self.lif2 = nn.Conv2d(32, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), lif()
-            self.fc1, self.lif3 = nn.Linear(64 * 7 * 7, 256, bias=False), lif()
+            c1, c2 = CONV_CHANNELS
+            self.conv1, self.bn1, self.lif1 = nn.Conv2d(1, c1, 3, 1, 1, bias=False), nn.BatchNorm2d(c1), lif()
+            self.conv2, self.bn2, self.lif2 = nn.Conv2d(c1, c2, 3, 1, 1, bias=False), nn.BatchNorm2d(c2), lif()
+            self.fc1, self.lif3 = nn.Linear(c2 * 7 * 7, 256, bias=False), lif()
             self.fc2 = nn.Linear(256, 10, bias=False)
             self.lifs = [self.lif1, self.lif2, self.lif3]
             self.pre_neuron = ["bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", "fc1.weight"]
@@ -166,11 +170,11 @@ class SnnTorchNet(nn.Module):
                 s2, _ = self.lif2(self.fc2(s1.to(dt)))
                 outs.append(self.fc3(s2.to(dt)))
         else:
-            cur1 = self.bn1(self.conv1(x))
+            cur1 = F.max_pool2d(self.bn1(self.conv1(x)), 2)
             for _ in range(self.T):
                 s1, _ = self.lif1(cur1)
-                s2, _ = self.lif2(self.bn2(self.conv2(F.max_pool2d(s1.to(dt), 2))))
-                s3, _ = self.lif3(self.fc1(F.max_pool2d(s2.to(dt), 2).flatten(1)))
+                s2, _ = self.lif2(F.max_pool2d(self.bn2(self.conv2(s1.to(dt))), 2))
+                s3, _ = self.lif3(self.fc1(s2.to(dt).flatten(1)))
                 outs.append(self.fc2(s3.to(dt)))
         return torch.stack(outs)
 

@@ -349,23 +349,31 @@ def test_percentile_matches_numpy_definition():
     assert lam["1"] == pytest.approx(float(np.percentile(pos, 90)), rel=1e-6)
 
 
-def test_activity_penalty_makes_units_fade():
+def test_activity_penalties_make_units_fade():
     tr, _, _, _ = build_loaders("synthetic", batch_size=32, in_shape=(1, 8, 8), n=256, seed=0)
+    x = torch.cat([b[0] for b in tr])
 
-    def mean_act(alpha):
+    def hidden(**kw):
         torch.manual_seed(0)
         ann = make_ann("fc3", hidden=(32, 16), image_size=8)
-        train_ann(ann, tr, None, epochs=2, lr=3e-3, log=None, activity_l1=alpha)
-        lam = calibrate(ann, tr, "max")
-        x = torch.cat([b[0] for b in tr])
+        train_ann(ann, tr, None, epochs=3, lr=3e-3, log=None, **kw)
         with torch.no_grad():
-            return float(ann[:3](x).mean()), lam
+            return ann[:3](x)  # first hidden layer (after ReLU)
 
-    plain, _ = mean_act(0.0)
-    sparse, _ = mean_act(0.5)
-    assert sparse < 0.5 * plain
+    def hoyer(a):
+        r = a.square().mean(0).sqrt()
+        return float(r.sum() / (r.numel() ** 0.5 * r.norm()))
+
+    plain = hidden()
+    assert float(hidden(activity_l1=0.5).mean()) < 0.5 * float(plain.mean())
+    concentrated = hidden(unit_hoyer=1.0, penalty_layers=[0])
+    assert hoyer(concentrated) < 0.8 * hoyer(plain)
+    assert int((concentrated.amax(0) == 0).sum()) > int((plain.amax(0) == 0).sum())  # more silent units
     with pytest.raises(ValueError, match="activity_l1"):
         train_ann(make_ann("fc3", hidden=(8, 8), image_size=8), tr, epochs=1, activity_l1=-1, log=None)
+    with pytest.raises(ValueError, match="penalty_layers"):
+        train_ann(make_ann("fc3", hidden=(8, 8), image_size=8), tr, epochs=1, unit_hoyer=1, penalty_layers=[2],
+                  log=None)
 
 
 def test_dynsnn_compensation_moves_the_mean_drive_into_biases(trained):

@@ -13,10 +13,27 @@ from spikeprune.sparsity import MaskEngine, random_mask
 T = 4
 
 
+def _spike_pool_convnet(channels=(6, 8), hidden=16, **_):
+    """convnet's layers with max pooling of *spikes* (conv+BN -> LIF -> maxpool), which NIR can express; the zoo
+    convnet pools the membrane input before the neuron (refused, see below)."""
+    from spikeprune.layers import Flatten, Linear, MaxPool2d
+    from spikeprune.models.cnn import SequentialSNN, conv_bn
+    from spikeprune.neurons import LIF
+
+    make = lambda: LIF(v_threshold=0.5)  # noqa: E731
+    c1, c2 = channels
+    layers = [*conv_bn(1, c1, make), MaxPool2d(2), *conv_bn(c1, c2, make), MaxPool2d(2), Flatten(3),
+              Linear(c2 * 2 * 2, hidden, bias=False), make(), Linear(hidden, 10, bias=False)]
+    return SequentialSNN("convnet_spike_pool", layers, (1, 8, 8), 10, T, "direct")
+
+
 def _masked(name, seed=0, **kw):
-    """A zoo model with random connection masks (50%), every third unit dead and non-trivial BN statistics."""
+    """A model with random connection masks (50%), every third unit dead and non-trivial BN statistics."""
     torch.manual_seed(seed)
-    model = create_model(name, image_size=8, neuron={"type": "lif", "v_threshold": 0.5}, **kw)
+    if name == "convnet_spike_pool":
+        model = _spike_pool_convnet(**kw)
+    else:
+        model = create_model(name, neuron={"type": "lif", "v_threshold": 0.5}, **{"image_size": 8, **kw})
     x = model.example_input(2)
     eng = MaskEngine(model, example_input=x)
     g = torch.Generator().manual_seed(seed)
@@ -42,7 +59,9 @@ def _order(g):
     return order(g)
 
 
-MODELS = [("fc3", {"hidden": (32, 24)}), ("convnet", {"channels": (6, 8), "hidden": 16})]
+MODELS = [("fc3", {"hidden": (32, 24)}), ("convnet_spike_pool", {"channels": (6, 8), "hidden": 16}),
+          ("convnet", {"channels": (6, 8), "hidden": 16, "pool": "avg"}),
+          ("lenet5", {"bn": True, "image_size": 16})]
 
 
 # ------------------------------------------------------------------------------------------------ NIR
@@ -90,11 +109,11 @@ def test_nir_round_trip(nir, tmp_path, name, kw):
     assert lifs and all(np.allclose(n.tau, 2.0) and np.allclose(n.r, 1.0) and np.allclose(n.v_leak, 0.0)
                         and np.allclose(n.v_threshold, 0.5) and np.allclose(n.v_reset, 0.0) for n in lifs)
     assert g.metadata["T"] == T and g.metadata["dt"] == 1.0
-    if name == "convnet":  # max pooling of spikes = sum pooling + threshold 0.5; BN folded into the conv
+    if name == "convnet_spike_pool":  # max pooling of spikes = sum pooling + threshold 0.5; BN folded into conv
         kinds = [type(n).__name__ for n in nodes]
         assert kinds.index("SumPool2d") + 1 == kinds.index("Threshold") and "BatchNorm" not in "".join(kinds)
     back = from_nir(g)
-    x = torch.rand(6, 1, 8, 8) * 2
+    x = torch.rand(6, *model.in_shape) * 2
     with torch.no_grad():
         ref, out = model(x), back(x)
     assert out.shape == ref.shape
@@ -126,6 +145,8 @@ def test_nir_refuses_what_it_cannot_express(nir):
 
     with pytest.raises(ValueError, match="sequential"):
         to_nir(create_model("sew_resnet18", image_size=8, num_classes=4))
+    with pytest.raises(ValueError, match="max-pools analog values"):  # the zoo convnet pools membrane input
+        to_nir(create_model("convnet", image_size=8, channels=(2, 2), hidden=4))
     net = nn.Sequential(nn.Flatten(), nn.MaxPool1d(2))
     with pytest.raises(ValueError):
         to_nir(net, input_shape=(4,))
@@ -161,7 +182,7 @@ def test_torch_prune_round_trip():
     from spikeprune.export.torch_prune import from_torch_prune, to_torch_prune, torch_prune_masks
     from spikeprune.sparsity.masks import fold_units
 
-    model, eng = _masked("convnet", channels=(6, 8), hidden=16)
+    model, eng = _masked("convnet_spike_pool", channels=(6, 8), hidden=16)
     eff = eng.effective_weights()
     allowed = {n: eng.mask(n).float() for n in eng.layers}
     fold_units(allowed, eng.groups, dict(model.named_modules()))

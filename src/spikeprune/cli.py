@@ -267,7 +267,13 @@ def _finished_with(cfg) -> bool:
     rd = cfg.run_dir
     if not (rd / "results.json").is_file() or not (rd / "config.json").is_file():
         return False
-    return json.loads((rd / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    from .config import ConfigError, RunConfig, from_dict
+
+    try:  # normalise through the dataclasses, so fields added since then take their defaults
+        old = to_dict(from_dict(RunConfig, json.loads((rd / "config.json").read_text())))
+    except ConfigError:
+        return False
+    return json.loads(json.dumps(old)) == json.loads(json.dumps(to_dict(cfg)))
 
 
 def _compare(args) -> int:

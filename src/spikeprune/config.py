@@ -8,6 +8,7 @@ Method options live under ``method:`` and are checked against the method's own c
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -240,8 +241,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or defaults when ``path`` is None), apply overrides, and validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = None) -> Any:
+    """Read a YAML recipe (or defaults when ``path`` is None), apply overrides, and validate it against
+    ``schema`` (default :class:`RunConfig`; ``convert`` and ``bench`` recipes pass their own dataclass)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -252,11 +254,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])
-    cfg = from_dict(RunConfig, data)
-    if path is not None and "name" not in data:
+    cfg = from_dict(schema or RunConfig, data)
+    if path is not None and "name" not in data and hasattr(cfg, "name"):
         cfg.name = Path(path).stem
     return cfg
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def jsonable(x: Any) -> Any:
+    """Make nested results JSON-safe: tensors to lists, paths to strings, non-finite floats to strings."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

@@ -178,7 +178,8 @@ def evaluate_ann(ann: nn.Module, loader, max_batches: int | None = None) -> floa
 def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, lr: float = 1e-3,
               optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9, scheduler: str = "cosine",
               max_steps_per_epoch: int | None = None, log: Callable[[str], None] | None = print,
-              activity_l1: float = 0.0, unit_hoyer: float = 0.0) -> float | None:
+              activity_l1: float = 0.0, unit_hoyer: float = 0.0,
+              penalty_layers: Sequence[int] | None = None) -> float | None:
     """Train ``ann`` with cross-entropy (Adam or SGD, cosine or constant lr); print one line per epoch and return
     the final test accuracy (None without ``test_loader``).
 
@@ -188,7 +189,8 @@ def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, 
 
     ``unit_hoyer`` > 0 adds ``unit_hoyer · Σ_ℓ H_ℓ`` with the scale-invariant Hoyer measure of unit activity
     ``H_ℓ = Σ_i r_i / (sqrt(n_ℓ) · sqrt(Σ_i r_i²))``, ``r_i`` the RMS activation of unit ``i`` (channel ``i`` in conv
-    layers) over the batch [R]: it concentrates the activity of each layer into fewer units, so the others fade."""
+    layers) over the batch [R]: it concentrates the activity of each layer into fewer units, so the others fade.
+    ``penalty_layers``: ordinals of the ReLUs that are penalised (0 = the first; default all)."""
     if epochs < 0 or lr <= 0 or activity_l1 < 0 or unit_hoyer < 0:
         raise ValueError(f"need epochs >= 0, lr > 0, activity_l1 >= 0 and unit_hoyer >= 0, got {epochs=}, {lr=}, "
                          f"{activity_l1=}, {unit_hoyer=}")
@@ -206,7 +208,11 @@ def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, 
             pen = pen + unit_hoyer * r.sum() / (math.sqrt(r.numel()) * r.square().sum().sqrt())
         acts.append(pen)
 
-    handles = [m.register_forward_hook(penalty_hook) for m in ann.modules() if isinstance(m, nn.ReLU)] \
+    relus = [m for m in ann.modules() if isinstance(m, nn.ReLU)]
+    chosen = range(len(relus)) if penalty_layers is None else list(penalty_layers)
+    if any(not 0 <= i < len(relus) for i in chosen):
+        raise ValueError(f"penalty_layers must be ReLU ordinals in [0, {len(relus)}), got {list(chosen)}")
+    handles = [relus[i].register_forward_hook(penalty_hook) for i in chosen] \
         if activity_l1 > 0 or unit_hoyer > 0 else []
     if optimizer == "adam":
         opt = torch.optim.Adam(ann.parameters(), lr=lr, weight_decay=weight_decay)
@@ -860,6 +866,7 @@ class ANNTrainConfig:
     scheduler: Literal["cosine", "none"] = "cosine"
     activity_l1: float = 0.0  # firing-rate (activation) L1 penalty on the hidden ReLUs, see train_ann
     unit_hoyer: float = 0.0  # unit-level Hoyer sparsity penalty on the hidden ReLUs (fading units), see train_ann
+    penalty_layers: list[int] | None = None  # ReLU ordinals the penalties apply to (None: all)
     max_steps_per_epoch: int | None = None
     checkpoint: str | None = None  # load this ANN state dict instead of training (else RUN_DIR/ann.pt is written)
     reuse: bool = True  # load RUN_DIR/ann.pt when it exists and was trained with the same settings
@@ -1044,7 +1051,7 @@ def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None)
         a = cfg.ann
         log(f"training the ANN twin of {cfg.model.name} for {a.epochs} epochs ({a.optimizer}, lr {a.lr})")
         train_ann(ann, train, None, a.epochs, a.lr, a.optimizer, a.weight_decay, a.momentum, a.scheduler,
-                  a.max_steps_per_epoch, log, a.activity_l1, a.unit_hoyer)
+                  a.max_steps_per_epoch, log, a.activity_l1, a.unit_hoyer, a.penalty_layers)
         ann_time = time.time() - t0
         _write_atomic(ann_path, lambda p: torch.save(ann.state_dict(), p))
         fp_path.write_text(json.dumps({"settings": fp, "train_seconds": ann_time}, indent=2))

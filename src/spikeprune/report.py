@@ -186,6 +186,8 @@ def _style(ax) -> None:
 
 
 def _training_figure(hist: list[dict]):
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(10, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     ep = [h.get("epoch", i + 1) for i, h in enumerate(hist)]
@@ -212,7 +214,9 @@ def _training_figure(hist: list[dict]):
         ax2.spines["top"].set_visible(False)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="lower left", fontsize=8, ncol=2)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=len(labels),
+              frameon=False)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("accuracy and connectivity over training")
     return fig
 

@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import random
 import signal
 import sys
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import dist
 from .callbacks import Callback
-from .config import RunConfig, to_dict
+from .config import RunConfig, jsonable, to_dict
 from .measure import Measurement, measure
 
 
@@ -554,7 +553,7 @@ class Trainer:
             buf = io.BytesIO()
             torch.save(self.model.state_dict(), buf)
             ckpt.atomic_write(self.run_dir / "model.pt", buf.getvalue())
-            ckpt.atomic_write(self.run_dir / "results.json", json.dumps(_jsonable(out), indent=2).encode())
+            ckpt.atomic_write(self.run_dir / "results.json", json.dumps(jsonable(out), indent=2).encode())
         dist.barrier()
         return result
 
@@ -578,7 +577,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rows = self.history if rewrite else self.history[-1:]
         with open(self.run_dir / "metrics.jsonl", "w" if rewrite else "a") as f:
-            f.writelines(json.dumps(_jsonable(h)) + "\n" for h in rows)
+            f.writelines(json.dumps(jsonable(h)) + "\n" for h in rows)
         keys: list[str] = []
         for h in self.history:
             keys += [k for k in h if k not in keys and not isinstance(h[k], (list, dict))]
@@ -586,18 +585,6 @@ class Trainer:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.history)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
 
 
 def summary_table(rows: list[dict], baseline: dict | None = None) -> str:

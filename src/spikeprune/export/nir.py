@@ -19,6 +19,9 @@ module                                      NIR node(s)
 ``Repeat`` / ``EventInput`` / ``Dropout``   nothing (per-step graph: the input is presented at every step)
 ==========================================  =================================================================
 
+Max pooling of analog values (e.g. the zoo ``convnet``, which pools the membrane input before its neurons) has no
+NIR node and is refused with a ``ValueError``.
+
 **Neuron parameters.** spikeprune neurons are discrete-time: ``H = V + (X - (V - V_reset)) / tau`` (LIF with
 ``decay_input``), ``H = V - (V - V_reset) / tau + X`` (without), ``H = V + X`` (IF). NIR neurons are continuous:
 ``tau dv/dt = (v_leak - v) + r I`` and ``dv/dt = r I``. Forward-Euler with step ``dt`` gives exactly the discrete
@@ -272,8 +275,9 @@ def to_nir(model: nn.Module, example_input: torch.Tensor | None = None, *, dt: f
             last_neuron = True
         elif isinstance(m, nn.MaxPool2d):
             if not last_neuron:
-                raise ValueError(f"NIR export: {name} (max pooling) must follow a spiking layer (NIR has no max "
-                                 "pooling; on spikes it is a sum pooling and a threshold at 0.5)")
+                raise ValueError(f"NIR export: {name} max-pools analog values (not spikes); NIR has no max pooling. "
+                                 "Max pooling of spikes (right after a spiking layer) is exported as SumPool2d + "
+                                 "Threshold(0.5); pool after the neuron or use AvgPool2d")
             k, s, p = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding)
             if m.ceil_mode or _pair(m.dilation) != (1, 1):
                 raise ValueError(f"NIR export: {name} uses ceil_mode/dilation")

@@ -42,15 +42,19 @@ def pooled(image_size: int, factor: int, name: str) -> int:
 @register_model("convnet")
 def convnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, T: int = 4, neuron="lif",
             encoding: str = "direct", channels: tuple[int, int] = (16, 32),
-            hidden: int = 256) -> SequentialSNN:
+            hidden: int = 256, pool: str = "max") -> SequentialSNN:
     """Small CNN for 28x28 inputs on a CPU: 2x[conv3x3+BN+maxpool2+LIF] -> FC(hidden)+LIF -> FC(classes).
 
     Pooling the membrane input before the neuron (not the spikes after it) keeps spikes binary for the next layer,
-    lets the first pool run once in the static stem, and gives the neurons 4x fewer elements to integrate."""
+    lets the first pool run once in the static stem, and gives the neurons 4x fewer elements to integrate.
+    ``pool="avg"`` uses average pooling, which NIR can express (NIR has no max pooling)."""
+    if pool not in ("max", "avg"):
+        raise ValueError(f"convnet pool must be 'max' or 'avg', got {pool!r}")
+    Pool = MaxPool2d if pool == "max" else AvgPool2d
     make = neuron_factory(neuron)
     c1, c2 = channels
     feat = pooled(image_size, 4, "convnet")
-    layers = [*conv_bn(in_channels, c1), MaxPool2d(2), make(), *conv_bn(c1, c2), MaxPool2d(2), make(),
+    layers = [*conv_bn(in_channels, c1), Pool(2), make(), *conv_bn(c1, c2), Pool(2), make(),
               Flatten(3), Linear(c2 * feat * feat, hidden, bias=False), make(),
               Linear(hidden, num_classes, bias=False)]
     return SequentialSNN("convnet", layers, (in_channels, image_size, image_size), num_classes, T, encoding)
