@@ -39,8 +39,8 @@ class MagnitudeConfig(MethodConfig):
         check_density(self, key)
         check_density(self, key, "initial_density")
         self.check(self.prune_epoch is None or self.prune_epoch >= 0, f"{key}.prune_epoch", "must be >= 0 or null")
-        self.check(0 <= self.begin < self.end <= 1, f"{key}.end",
-                   f"needs 0 <= begin < end <= 1, got begin={self.begin}, end={self.end}")
+        self.check(0 <= self.begin < self.end <= 1, f"{key}.begin' and '{key}.end",
+                   f"need 0 <= begin < end <= 1, got begin={self.begin}, end={self.end}")
         self.check(self.update_every >= 1, f"{key}.update_every", "must be >= 1")
 
 

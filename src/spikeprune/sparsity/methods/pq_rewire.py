@@ -51,7 +51,7 @@ class PQRewireConfig(MethodConfig):
 
     def validate(self, key: str) -> None:
         self.check(self.p > 0, f"{key}.p", f"must be > 0 (0 < p < q), got {self.p}")
-        self.check(self.q > self.p, f"{key}.q", f"must be > p (0 < p < q), got p={self.p}, q={self.q}")
+        self.check(self.q > self.p, f"{key}.p' and '{key}.q", f"must satisfy 0 < p < q, got p={self.p}, q={self.q}")
         self.check(self.eta >= 0, f"{key}.eta", "must be >= 0")
         self.check(self.gamma > 0, f"{key}.gamma", "must be > 0")
         self.check(0 < self.beta < 1, f"{key}.beta", f"must be in (0, 1), got {self.beta}")

@@ -102,7 +102,7 @@ class UPRConfig(MethodConfig):
         self.check(self.target_density is not None or self.lmbda is not None, f"{key}.lmbda",
                    "must be set when target_density is null")
         self.check(self.search_epochs is None or self.search_epochs >= 1, f"{key}.search_epochs", "must be >= 1")
-        self.check(0 < self.temp_init <= self.temp_final, f"{key}.temp_final",
+        self.check(0 < self.temp_init <= self.temp_final, f"{key}.temp_init' and '{key}.temp_final",
                    f"needs 0 < temp_init <= temp_final, got {self.temp_init}, {self.temp_final}")
         self.check(self.mask_lr > 0, f"{key}.mask_lr", f"must be > 0, got {self.mask_lr}")
         self.check(self.control_gain > 0, f"{key}.control_gain", f"must be > 0, got {self.control_gain}")
