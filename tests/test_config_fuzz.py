@@ -53,7 +53,8 @@ NUMERIC = [(m, f) for m, f, tp in CASES if base(tp) in (int, float)]
 
 def run_one_step(tmp_path, method: str, field: str, value) -> None:
     model = "convnet" if method in CONV_ONLY else "fc3"
-    opts = "{channels: [4, 6], hidden: 16, image_size: 8}" if model == "convnet" else "{hidden: [24, 16], image_size: 8}"
+    opts = ("{channels: [4, 6], hidden: 16, image_size: 8}" if model == "convnet"
+            else "{hidden: [24, 16], image_size: 8}")
     cfg = load_config(None, [
         f"out_dir={tmp_path}", "name=fuzz", f"model.name={model}", f"model.options={opts}", "model.T=2",
         "data.name=synthetic", "data.options={n: 16, in_shape: [1, 8, 8]}", "data.batch_size=8",
