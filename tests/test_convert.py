@@ -259,6 +259,7 @@ def test_dynsnn_masks_lowest_rate_units_and_reports_compression(trained):
     assert res.compression == pytest.approx(1 - res.engine.density())
     assert res.compression == pytest.approx(1 - measure(snn, te, max_batches=1).connectivity)
     assert res.units_removed == pytest.approx(1 - (a1 + a2) / (48 + 32))
+    assert res.silent == {n: int((r == 0).sum()) for n, r in rates.items()}
     # masked spikes are silenced; the compacted network gives the same outputs
     x = next(iter(te))[0][:8]
     small = compact(snn, x[:2])

@@ -297,3 +297,32 @@ def test_cli_train_measure_eval(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--set", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    cfg = make(tmp_path, ("train.epochs=2",), method=PQ)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    trainer.fit()
+    good = ckpt.list_checkpoints(cfg.run_dir)
+    good_bytes = {p: p.read_bytes() for p in good}
+
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):  # every write of a checkpoint's temp file fails as on a full disk
+        if "w" in mode and str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    lines = []
+    trainer.log = lines.append
+    trainer.global_step += 1
+    trainer.save()  # must not raise, must not touch the good files
+    monkeypatch.undo()
+    assert any("could not write a checkpoint" in line and "No space left" in line for line in lines)
+    assert ckpt.list_checkpoints(cfg.run_dir) == good
+    assert all(p.read_bytes() == b for p, b in good_bytes.items())
+    assert not list(Path(cfg.run_dir).glob("*.tmp"))
+    ckpt.load(good[0])  # still readable

@@ -737,6 +737,7 @@ class DynSNNConvertResult:
     neurons_removed: float  # fraction of neurons (conv channels weighted by their positions) masked
     alive: dict[str, int]
     units: dict[str, int]
+    silent: dict[str, int]  # units that never fired on the calibration set (rate 0)
     lambdas_before: list[float]
     lambdas_after: list[float]
     rates: dict[str, list[float]] = field(repr=False, default_factory=dict)
@@ -845,6 +846,7 @@ def dynsnn_convert(snn: ConvertedSNN, calib_loader, target_compression: float | 
     dead_neurons = sum((units[n] - alive[n]) * per_unit[n] for n in names)
     return DynSNNConvertResult(kappa=float(kappa), compression=float(comp), units_removed=dead_units / all_units,
                                neurons_removed=dead_neurons / all_neurons, alive=alive, units=units,
+                               silent={n: int((rates[n] == 0).sum()) for n in names},
                                lambdas_before=before, lambdas_after=[float(v) for v in snn.lambdas],
                                rates={n: r.tolist() for n, r in rates.items()}, engine=engine)
 
