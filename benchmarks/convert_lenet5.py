@@ -76,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                        f"{res['calibration']['percentile']}), {started:%Y-%m-%d}, {os.cpu_count()}-core CPU")
 
     ann = res["ann_accuracy"]
+    a = cfg.ann
+    pens = ([f"activation-L1 {a.activity_l1}"] if a.activity_l1 else []) + \
+        ([f"unit-level Hoyer sparsity penalty {a.unit_hoyer}"] if a.unit_hoyer else [])
+    penalty = (" and ".join(pens) + " on hidden ReLUs " + (str(a.penalty_layers) if a.penalty_layers is not None
+                                                           else "(all)") + " (ordinals); ") if pens else \
+        "no activity penalty; "
     best = [(r["T"], r["snn_acc"]) for r in rows if r["T"] <= 128 and ann - r["snn_acc"] <= 0.01]
     lines = [*header, "", "# ANN→SNN conversion of LeNet-5 on Fashion-MNIST, and DynSNN on the converted SNN", "",
              "Setup (see the config for every [R] choice): ANN twin of `lenet5` (6C5-AP2-16C5-AP2-FC120-FC84-FC10, "
              "ReLU, biases, no BN) trained with "
              f"{cfg.ann.optimizer} lr {cfg.ann.lr}, {cfg.ann.epochs} epochs, batch {cfg.data.batch_size}, "
-             f"{100 * cfg.data.val_split:.0f}% of the training set held out; "
+             f"{100 * cfg.data.val_split:.0f}% of the training set held out, " + penalty +
              f"thresholds from the {cfg.conversion.percentile}th percentile ({cfg.conversion.method}) of positive "
              f"activations on {cfg.conversion.calib_samples} training images (threshold balancing "
              "V_th = λ_l/λ_(l-1), weights unchanged); IF neurons with reset by subtraction, initial membrane "
@@ -146,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "## Control: the same pipeline on an ANN trained without the sparsity penalty", "",
                   f"From `{os.path.relpath(control, ROOT)}` ({c['header'][2].lstrip('# ')}): ANN "
                   f"{100 * c['ann_accuracy']:.2f}% ({100 * (ann - c['ann_accuracy']):+.2f} points for the penalised "
-                  f"ANN above); converted SNN " + ", ".join(f"T={t}: {100 * a:.2f}%" for t, a in
-                                                             c["snn_accuracy"].items()) + "."]
+                  f"ANN above); λ = {[round(v, 2) for v in c['lambdas']]}; converted SNN "
+                  + ", ".join(f"T={t}: {100 * a:.2f}%" for t, a in c["snn_accuracy"].items()) + "."]
         if cd:
             closs = c["snn_accuracy"][T] - cd["accuracy"][T]
             lines.append(f"DynSNN at T={T}: {100 * cd['compression']:.2f}% compression, accuracy "

@@ -70,7 +70,8 @@ from .neurons import IF, is_neuron
 __all__ = [
     "make_ann", "ann_from_snn", "train_ann", "evaluate_ann", "fold_bn", "calibrate", "ConversionIF",
     "ConvertedSNN", "to_snn", "snn_to_ann", "set_lambdas", "accuracy_vs_T", "firing_rates", "dynsnn_convert",
-    "DynSNNConvertResult", "ConvertRunConfig", "load_convert_config", "run_convert",
+    "DynSNNConvertResult", "ConvertRunConfig", "load_convert_config", "run_convert", "plot_accuracy_vs_T",
+    "write_table",
 ]
 
 _SYN = (nn.Conv2d, nn.Linear)
