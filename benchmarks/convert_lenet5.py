@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         T = str(cd.get("T", 128))
         lines += ["", "## Control: the same pipeline on an ANN trained without the sparsity penalty", "",
                   f"From `{os.path.relpath(control, ROOT)}` ({c['header'][2].lstrip('# ')}): ANN "
-                  f"{100 * c['ann_accuracy']:.2f}% ({100 * (ann - c['ann_accuracy']):+.2f} points for the penalised "
-                  f"ANN above); λ = {[round(v, 2) for v in c['lambdas']]}; converted SNN "
+                  f"{100 * c['ann_accuracy']:.2f}% (the ANN above differs by {100 * (ann - c['ann_accuracy']):+.2f} "
+                  f"points); λ = {[round(v, 2) for v in c['lambdas']]}; converted SNN "
                   + ", ".join(f"T={t}: {100 * a:.2f}%" for t, a in c["snn_accuracy"].items()) + "."]
         if cd:
             closs = c["snn_accuracy"][T] - cd["accuracy"][T]
