@@ -945,24 +945,9 @@ class ConvertRunConfig:
 
 def load_convert_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ConvertRunConfig:
     """Read a ``convert`` recipe (strict keys and types, like :func:`spikeprune.config.load_config`)."""
-    import yaml
+    from .config import load_config
 
-    from .config import ConfigError, apply_overrides, from_dict
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides or [])
-    cfg = from_dict(ConvertRunConfig, data)
-    if path is not None and "name" not in data:
-        cfg.name = Path(path).stem
-    return cfg
+    return load_config(path, overrides, schema=ConvertRunConfig)
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:

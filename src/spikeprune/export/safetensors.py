@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from ..config import jsonable
 
 __all__ = ["save_safetensors", "load_safetensors", "save_run_safetensors"]
 
@@ -31,18 +32,6 @@ def _st():
     return st
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -55,7 +44,7 @@ def save_safetensors(model_or_state: nn.Module | dict, path: str | Path, config:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
     masks = sorted(k for k in tensors if k.endswith((".weight_mask", ".unit_mask")))
-    meta = {"format": FORMAT, "config": _jsonable(config or {}), "metrics": _jsonable(metrics or {}), "masks": masks}
+    meta = {"format": FORMAT, "config": jsonable(config or {}), "metrics": jsonable(metrics or {}), "masks": masks}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     st.save_file(tensors, str(path), metadata={"spikeprune": json.dumps(meta)})
