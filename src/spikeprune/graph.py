@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from .adapters import reset_states, step_shape
-from .neurons import is_neuron
+from .neurons import BaseNeuron, is_neuron
 
 SYNAPTIC = (nn.Conv2d, nn.Conv1d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -162,6 +162,25 @@ def _walk_down(node: fx.Node, kind, g: UnitGroup, modules: dict) -> None:
             g.coupled = True
 
 
+def probe(model: nn.Module, x: torch.Tensor, handles: list) -> torch.Tensor:
+    """One eval-mode, gradient-free forward of ``x`` for hooks to observe; the hooks in ``handles`` are removed,
+    the training mode restored and neuron state reset afterwards, whatever happens."""
+    was = model.training
+    model.eval()
+    try:
+        reset_states(model)
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was)
+        reset_states(model)  # stateful neurons must not keep the example's state
+        for m in model.modules():
+            if isinstance(m, BaseNeuron):
+                m.reset()
+        for h in handles:
+            h.remove()
+
+
 def _output_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
@@ -169,17 +188,7 @@ def _output_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ..
         if is_neuron(m):  # foreign neurons: spikes of (spk, mem), single-step outputs as [1, B, ...]
             hooks.append(m.register_forward_hook(
                 lambda mod, i, o, name=name: shapes.__setitem__(name, step_shape(mod, o))))
-    was = model.training
-    model.eval()
-    try:
-        reset_states(model)
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was)
-        reset_states(model)  # stateful (SpikingJelly/snnTorch) neurons must not keep the example's state
-        for h in hooks:
-            h.remove()
+    probe(model, x, hooks)
     return shapes
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from .neurons import is_neuron
+from .graph import probe
 
 __all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "event_report", "LINEAR_MODES",
            "CONV_MODES"]
@@ -384,17 +384,7 @@ def _spiking_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> set[
             t = inputs[0]
             binary[n] = binary.get(n, True) and bool(((t == 0) | (t == 1)).all())
         hooks.append(modules[n].register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-        for m in model.modules():
-            if is_neuron(m) and callable(getattr(m, "reset", None)):
-                m.reset()
+    probe(model, x, hooks)
     return {n for n, b in binary.items() if b}
 
 

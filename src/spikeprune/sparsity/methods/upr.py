@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ... import dist
+from ...graph import probe
 from ..masks import fold_units
 from . import register_method
 from ._base import Method, MethodConfig
@@ -151,14 +152,7 @@ class UPR(Method):
         shapes: dict[str, tuple] = {}
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
                  for n, m in self.engine.layers.items()]
-        model, was = self.engine.model, self.engine.model.training
-        model.eval()
-        try:
-            model(x)
-        finally:
-            model.train(was)
-            for h in hooks:
-                h.remove()
+        probe(self.engine.model, x, hooks)
         cost_w = {n: float(math.prod(shapes[n][-2:])) if isinstance(m, nn.Conv2d) else 1.0
                   for n, m in self.engine.layers.items()}
         cost_n = {}
