@@ -635,3 +635,37 @@ def test_property_masks_hold_under_prune_regrow_and_steps(specs, density, scope,
         assert torch.equal(eng2.mask(n), eng.mask(n))
         assert torch.equal(eng2.layers[n].weight, eng.layers[n].weight)
     assert eng2.density() == eng.density()
+
+
+def test_grad_clip_sees_masked_gradients_and_hooks_see_each_gradient_once(tmp_path):
+    from spikeprune.config import load_config
+    from spikeprune.train import Trainer
+
+    cfg = load_config(None, [
+        f"out_dir={tmp_path}", "model.options={hidden: [24, 16], image_size: 8}", "model.T=2",
+        "model.neuron={type: lif, v_threshold: 0.2}", "data.name=synthetic",
+        "data.options={n: 32, in_shape: [1, 8, 8]}", "data.batch_size=8", "train.epochs=1",
+        "train.max_steps_per_epoch=2", "train.progress=false", "train.grad_clip=1e-6", "measure.max_batches=1",
+        "method={name: pq_rewire, init_density: 0.5}"])
+    tr = Trainer(cfg, log=lambda *a, **k: None)
+    eng = tr.method.engine
+    calls, norms = [], []
+    eng.dense_grad_hooks.append(lambda name, layer, g: calls.append(name))
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        for n, m in eng.layers.items():  # what the clip sees: dead weights' gradients already zero
+            assert m.weight.grad is None or bool((m.weight.grad[~m.weight_mask] == 0).all())
+        norms.append(max_norm)
+        return real(params, max_norm, *a, **k)
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        tr.fit()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = real
+    assert len(norms) == 2
+    assert len(calls) == 2 * len(eng.layers)  # once per layer per step, not twice
+    for m in eng.layers.values():
+        assert bool((m.weight[~m.weight_mask] == 0).all())

@@ -390,13 +390,13 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 if cfg.grad_clip:
                     self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self._clip(cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self._clip(cfg.grad_clip)
                 self.optimizer.step()
             self.global_step += 1
             self.step_in_epoch = i + 1
@@ -423,6 +423,13 @@ class Trainer:
             dist.sync_buffers(self.model)  # BN running statistics: the same model on every rank from here on
         seen = max(seen, 1)
         return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
+
+    def _clip(self, max_norm: float) -> None:
+        """Clip the gradient norm of what the optimizer will apply: masked gradients are zeroed first."""
+        engine = getattr(self.method, "engine", None)
+        if engine is not None and engine.optimizer is self.optimizer:
+            engine.before_step()
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:

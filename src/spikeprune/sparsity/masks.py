@@ -61,6 +61,7 @@ class MaskEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.dense_grad_hooks: list[DenseGradHook] = []
         self.track_unit_grad = False
+        self._grads_masked = False
         self.unit_grad: dict[str, torch.Tensor] = {}
         self._unit_grad_step: dict[str, torch.Tensor] = {}  # DDP: this step's signed local gate grads
         self.version = 0  # bumped by every set_mask/set_unit_mask (the trainer checks ranks agree when it moves)
@@ -120,7 +121,7 @@ class MaskEngine:
         """Keep masked weights at 0.0 under ``optimizer``: grads masked before each step, weights after."""
         self.detach_optimizer()
         self.optimizer = optimizer
-        self._opt_hooks = [optimizer.register_step_pre_hook(lambda *a: self.before_step()),
+        self._opt_hooks = [optimizer.register_step_pre_hook(lambda *a: self._pre_step()),
                            optimizer.register_step_post_hook(lambda *a: self.apply())]
         for m in self.layers.values():  # state may hold values from before the masks existed
             self._clear_state(m.weight, ~m.weight_mask)
@@ -131,17 +132,31 @@ class MaskEngine:
         self._opt_hooks = []
         self.optimizer = None
 
+    def _pre_step(self) -> None:
+        if self._grads_masked:  # before_step already ran for these gradients (e.g. before clipping)
+            self._mask_grads()
+        else:
+            self.before_step()
+        self._grads_masked = False
+
     @torch.no_grad()
     def before_step(self) -> None:
-        """Show dense gradients to the hooks that want them (regrowth scores), then mask them."""
+        """Show dense gradients to the hooks that want them (regrowth scores), then mask them. The optimizer's
+        step pre-hook calls it; call it yourself before gradient clipping so the norm sees masked gradients
+        (the hooks then do not see the same gradients twice)."""
+        self._grads_masked = True
         self._reduce_unit_grad()
         for name, m in self.layers.items():
-            g = m.weight.grad
-            if g is None:
-                continue
-            for hook in self.dense_grad_hooks:
-                hook(name, m, g)
-            g.mul_(m.weight_mask)
+            if m.weight.grad is not None:
+                for hook in self.dense_grad_hooks:
+                    hook(name, m, m.weight.grad)
+        self._mask_grads()
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for m in self.layers.values():
+            if m.weight.grad is not None:
+                m.weight.grad.mul_(m.weight_mask)
 
     # ------------------------------------------------------------------------------------ unit masks
     @property
