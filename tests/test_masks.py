@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from helpers import conv, x8
+from helpers import liven as _liven
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -37,25 +39,8 @@ def fc(**kw) -> nn.Module:
     return create_model("fc3", hidden=(32, 24), image_size=8, **kw)
 
 
-def conv() -> nn.Module:
-    return create_model("convnet", channels=(4, 6), hidden=16, image_size=8)
-
-
-def x8(batch: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.rand((batch, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
-
-
 def liven(model: nn.Module, gain: float = 5.0, seed: int = 0) -> nn.Module:
-    """Weights large enough that every layer spikes (so every layer gets gradients)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SYNAPTIC):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * gain / math.sqrt(m.weight[0].numel()))
-            if isinstance(m, nn.BatchNorm2d):
-                m.bias.copy_(0.3 + 0.2 * torch.rand(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-    return model
+    return _liven(model, gain, seed, shift_running_mean=True)
 
 
 def random_grads(model: nn.Module, g: torch.Generator) -> None:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import conv, liven, x8
 from torch import nn
 
 from spikeprune.config import ConfigError, load_config
-from spikeprune.graph import SYNAPTIC
 from spikeprune.models import create_model
 from spikeprune.sparsity.masks import erk_densities, init_masks, scope_view
 from spikeprune.sparsity.methods import create_method, list_methods, method_config
@@ -26,23 +26,6 @@ def fc(**kw) -> nn.Module:
     return create_model("fc3", hidden=(32, 24), image_size=8, **kw)
 
 
-def conv(channels=(4, 6)) -> nn.Module:
-    return create_model("convnet", channels=channels, hidden=16, image_size=8)
-
-
-def x8(batch: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.rand((batch, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
-
-
-def liven(model: nn.Module, gain: float = 5.0, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SYNAPTIC):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * gain / math.sqrt(m.weight[0].numel()))
-            if isinstance(m, nn.BatchNorm2d):
-                m.bias.copy_(0.3 + 0.2 * torch.rand(m.bias.shape, generator=g))
-    return model
 
 
 def fake_trainer(model: nn.Module, epochs: int = 10, example: bool = True, val: bool = False, opt=None):
