@@ -186,6 +186,7 @@ def sj_reset():
 
 
 def available(framework: str) -> bool:
+    framework = framework.removesuffix("-nhwc")
     try:
         if framework == "spikingjelly":
             import spikingjelly.activation_based  # noqa: F401
@@ -202,6 +203,9 @@ def build(framework: str, name: str, T: int) -> tuple[nn.Module, object]:
         return ours(name, T), None
     if framework == "spikeprune-identity":
         return ours(name, T, identity=True), None
+    if framework.endswith("-nhwc"):  # the other framework with its conv weights (so activations) channels-last
+        model, reset = build(framework[:-len("-nhwc")], name, T)
+        return model.to(memory_format=torch.channels_last), reset
     if framework == "spikingjelly":
         return SJNet(name, T), sj_reset()
     return SnnTorchNet(name, T), None
@@ -267,6 +271,8 @@ def measure_config(name: str, T: int, batch: int, frameworks: list[str], args, d
     x = torch.rand(batch, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     rows = []
+    if name == "fc3":  # no 4-D activations: the channels-last variants would time the same thing again
+        frameworks = [fw for fw in frameworks if not fw.endswith("-nhwc")]
     for phase in ("train", "infer"):
         steps = {}
         for fw in frameworks:
@@ -311,14 +317,20 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
               "single-step design; BatchNorm per step); spikeprune and SpikingJelly fold T into the batch.",
               "- Training step: forward, cross-entropy on the time-mean output, backward, Adam (lr 1e-3). "
               "Inference: eval mode, `torch.no_grad()`. Synthetic inputs of Fashion-MNIST shape.",
+              "- Layout: spikeprune's Conv2d makes its input channels-last (NHWC) on CPU, where oneDNN's conv, BN "
+              "and max-pool kernels are faster; SpikingJelly and snnTorch run their default NCHW. The *NHWC* "
+              "columns (convnet only) time the other frameworks after `model.to(memory_format=torch.channels_last)`, "
+              "which their users can do by hand: the gap that is left there is the neurons' alone.",
               "- Ratios are spikeprune samples/s over the other framework's (> 1: spikeprune faster). "
-              "Neuron overhead: spikeprune training step time over the same network with identity neurons.", ""]
+              "Neuron overhead: spikeprune training step time over the same network with identity neurons "
+              "(same layers, same layout).", ""]
     def get(cfg, phase, fw):
         return next((r for r in rows if (r["model"], r["T"], r["batch"]) == cfg and r["phase"] == phase
                      and r["framework"] == fw), None)
     cfgs = list(dict.fromkeys((r["model"], r["T"], r["batch"]) for r in rows))
-    others = [fw for fw in ("spikingjelly", "snntorch") if fw in frameworks]
-    names = {"spikingjelly": "SpikingJelly", "snntorch": "snnTorch"}
+    others = [fw for fw in ("spikingjelly", "snntorch", "spikingjelly-nhwc", "snntorch-nhwc") if fw in frameworks]
+    names = {"spikingjelly": "SpikingJelly", "snntorch": "snnTorch", "spikingjelly-nhwc": "SpikingJelly NHWC",
+             "snntorch-nhwc": "snnTorch NHWC"}
     for phase, title in (("train", "Training"), ("infer", "Inference")):
         cols = ["model", "T", "batch", "spikeprune /s", *[f"{names[o]} /s" for o in others],
                 *[f"ours / {names[o]}" for o in others]]
@@ -355,13 +367,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--frameworks", nargs="+",
-                   default=["spikeprune", "spikeprune-identity", "spikingjelly", "snntorch"])
+                   default=["spikeprune", "spikeprune-identity", "spikingjelly", "snntorch", "spikingjelly-nhwc",
+                            "snntorch-nhwc"],
+                   help="'-nhwc' variants: that framework's model converted to channels-last (convnet only)")
     p.add_argument("--configs", nargs="+", default=[f"{m}:{T}" for m, T in CONFIGS], help="model:T pairs")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 4, 1 round of 1 step")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc's defaults (by default the process runs as spikeprune's trainer sets it, "
+                        "spikeprune.perf.keep_freed_memory, which applies to every framework in this process)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.rounds, args.steps, args.warmup = [4], 1, 1, 1
+    kept = False
+    if not args.default_malloc and args.device != "cuda":
+        from spikeprune.perf import keep_freed_memory
+
+        kept = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -376,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     head = header("Throughput: spikeprune vs SpikingJelly vs snnTorch", argv, device,
                   [f"- Versions: {versions(frameworks)}",
                    f"- Timing: {args.warmup} warm-up steps, then {args.rounds} rounds x {args.steps} steps per "
-                   "framework, order rotated each round"])
+                   "framework, order rotated each round",
+                   "- Allocator: " + ("glibc malloc keeps freed blocks for reuse (`spikeprune.perf.keep_freed_memory`, "
+                                      "what spikeprune's trainer sets on CPU), for all frameworks in this process"
+                                      if kept else "glibc malloc defaults")])
     rows, parities = [], []
     for name, T in configs:
         for fw in ("spikingjelly", "snntorch"):

@@ -238,6 +238,25 @@ def test_fused_matches_reference_float64_exactly(kind, v_reset, detach_reset):
         assert abs(gw.item() - neuron.w.grad.item()) < 1e-12
 
 
+@pytest.mark.parametrize("kind, v_reset", list(itertools.product(KINDS, RESETS)))
+def test_inference_path_equals_training_path(kind, v_reset):
+    # under no_grad without observers the membrane is not kept: spikes and the carried state must not change
+    torch.manual_seed(11)
+    neuron = build(kind, v_reset, True, "atan")
+    x = random_input(kind, 6, 3, 5)
+    s_train = neuron(x)
+    assert s_train.requires_grad
+    with torch.no_grad():
+        s_infer = neuron(x)
+    assert not s_infer.requires_grad and torch.equal(s_train.detach(), s_infer)
+    a, b = build(kind, v_reset, True, "atan"), build(kind, v_reset, True, "atan")
+    a.stateful = b.stateful = True
+    a(x[:3])
+    with torch.no_grad():
+        b(x[:3])
+    assert torch.equal(a.v, b.v)
+
+
 def test_stateful_calls_equal_one_long_call():
     # two stateful calls == one call over the concatenated sequence
     torch.manual_seed(3)

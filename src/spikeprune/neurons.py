@@ -50,9 +50,15 @@ class Surrogate:
     def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def grad_(self, x: torch.Tensor) -> torch.Tensor:
-        """``grad(x)`` allowed to overwrite ``x`` (a temporary of the caller's) to save memory; same values."""
-        return self.grad(x)
+    def grad_(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``scale · grad(x)``, allowed to overwrite ``x`` (a temporary of the caller's) to save memory and
+        kernels; the fused backward folds the input coefficient ``b`` into ``scale``."""
+        return self.grad(x) * scale
+
+    def add_grad_(self, out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``out += scale · grad(x) · g`` in place (``x`` may be overwritten); subclasses fuse it into fewer
+        kernels for the fused backward."""
+        return out.addcmul_(self.grad_(x, scale), g)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(alpha={self.alpha})"
@@ -69,9 +75,15 @@ class ATan(Surrogate):
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         return (self.alpha / 2) / (1 + (math.pi / 2 * self.alpha * x).square())
 
-    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+    def grad_(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         y = x.mul_(math.pi / 2 * self.alpha).square_().add_(1)
-        return torch.div(self.alpha / 2, y, out=y)
+        return torch.div(self.alpha / 2 * scale, y, out=y)
+
+    def add_grad_(self, out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        # two kernels: y = 1 + (π/2 α x)², then out += (α/2 scale) g / y
+        y = torch.addcmul(torch.ones((), dtype=x.dtype, device=x.device), x, x, value=(math.pi / 2 * self.alpha) ** 2,
+                          out=x)
+        return out.addcdiv_(g, y, value=self.alpha / 2 * scale)
 
 
 class Sigmoid(Surrogate):
@@ -86,10 +98,10 @@ class Sigmoid(Surrogate):
         s = torch.sigmoid(self.alpha * x)
         return self.alpha * s * (1 - s)
 
-    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+    def grad_(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         s = x.mul_(self.alpha).sigmoid_()
         one_minus = torch.rsub(s, 1)
-        return s.mul_(self.alpha).mul_(one_minus)
+        return s.mul_(self.alpha * scale).mul_(one_minus)
 
 
 class Triangle(Surrogate):
@@ -103,8 +115,8 @@ class Triangle(Surrogate):
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * (1 - self.alpha * x.abs()).clamp_min(0)
 
-    def grad_(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs_().mul_(-self.alpha).add_(1).clamp_min_(0).mul_(self.alpha)
+    def grad_(self, x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return x.abs_().mul_(-self.alpha).add_(1).clamp_min_(0).mul_(self.alpha * scale)
 
 
 SURROGATES: dict[str, type[Surrogate]] = {"atan": ATan, "sigmoid": Sigmoid, "triangle": Triangle}
@@ -133,32 +145,30 @@ def _is_one(a) -> bool:
     return isinstance(a, float) and a == 1.0
 
 
-def _forward_loop(x, k, v0, kind, v_th, v_reset, decay_input):
-    """All T steps without a graph; returns ``(spikes, pre-spike membrane H, last V)``.
+def _forward_loop(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = True):
+    """All T steps without a graph; returns ``(spikes, pre-spike membrane H or None, last V)``.
 
-    The input part of every step, ``b X[t] + c``, is computed for all steps at once into the membrane buffer;
-    each step then adds ``a V[t-1]`` in place, fires into a reused buffer and resets into a reused ``V`` buffer
-    (three or four elementwise kernels per step, no allocation)."""
+    Each step charges straight into its slice of the membrane buffer (one ``lerp`` for the usual LIF), fires into
+    the spike buffer and resets into a reused ``V``: three elementwise kernels on a ``[B, ...]`` slice that stays
+    in cache, no allocation, and ``X`` is read once. Without ``keep_membrane`` (inference, no observer) ``H`` lives
+    in one reused ``[B, ...]`` buffer."""
     a, b = _coeffs(kind, k, decay_input)
     c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
-    h_seq = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if _is_one(b):
-        h_seq.copy_(x)
-    else:
-        torch.mul(x, b, out=h_seq)
-    if not (isinstance(c, float) and c == 0.0):
-        h_seq.add_(c)
-    s_seq = torch.empty_like(h_seq)
-    v_buf = torch.empty_like(h_seq[0])
+    s_seq = torch.empty_like(x)  # x's layout (channels-last stays channels-last) unless x is an expanded view
+    h_seq = torch.empty_like(s_seq) if keep_membrane else None
+    h_buf = None if keep_membrane else torch.empty_like(s_seq[0])
+    v_buf = torch.empty_like(s_seq[0])
     v = v0
     for t in range(x.shape[0]):
-        h, s = h_seq[t], s_seq[t]
-        if _is_one(a):
-            h.add_(v)
+        h, s = (h_seq[t] if keep_membrane else h_buf), s_seq[t]
+        if kind != "if" and decay_input:  # H = V + k (X - V) (+ k V_reset)
+            torch.lerp(v, x[t], k, out=h)
         elif torch.is_tensor(a):
-            h.addcmul_(v, a)
+            torch.addcmul(x[t], v, a, out=h)
         else:
-            h.add_(v, alpha=a)
+            torch.add(x[t], v, alpha=a, out=h)
+        if not (isinstance(c, float) and c == 0.0):
+            h.add_(c)
         torch.ge(h, v_th, out=s)  # straight into the float spike buffer (a bool mask is slower on CPU)
         if v_reset is None:  # soft reset: V = H - V_th S
             v = torch.add(h, s, alpha=-v_th, out=v_buf)
@@ -167,6 +177,36 @@ def _forward_loop(x, k, v0, kind, v_th, v_reset, decay_input):
             if v_reset != 0.0:
                 v.add_(s, alpha=v_reset)
     return s_seq, h_seq, v
+
+
+def _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate, need_v0_grad):
+    """BPTT of :func:`_forward_loop` for the common case (detached reset, constant decay), one step at a time.
+
+    It computes ``out[t] = b dL/dH[t]`` (the input gradient) backwards from ``T-1``: ``out[t] = a dV[t]/dH[t]
+    out[t+1] + b dL/dH[t] (direct) + b σ'(H[t]-V_th) dL/dS[t]``, with ``dV/dH = 1 - S`` (hard reset) or 1 (soft).
+    Every kernel (four or five per step with ATan) works on a ``[B, ...]`` slice that stays in cache; the
+    ``[T, B, ...]`` tensors are each touched once, which is what makes this faster than whole-sequence passes."""
+    a, b = _coeffs(kind, k, decay_input)
+    T = h_seq.shape[0]
+    out = torch.empty_like(h_seq)
+    tmp = torch.empty_like(out[0])
+    keep = None if v_reset is None else torch.empty_like(tmp)
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    for t in range(T - 1, -1, -1):
+        g = out[t]
+        nxt, scale = (out[t + 1], a) if t < T - 1 else (g_v_last, b)
+        if nxt is None:
+            g.zero_()
+        elif keep is None:
+            torch.mul(nxt, scale, out=g)
+        else:
+            torch.addcmul(zero, torch.lt(h_seq[t], v_th, out=keep), nxt, value=scale, out=g)
+        if g_h_out is not None:
+            g.add_(g_h_out[t], alpha=b)
+        if g_s is not None:
+            surrogate.add_grad_(g, g_s[t], torch.sub(h_seq[t], v_th, out=tmp), b)
+    g_v0 = out[0] * (a / b) if need_v0_grad else None
+    return out, g_v0
 
 
 def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset, surrogate,
@@ -239,6 +279,10 @@ class _MultiStep(torch.autograd.Function):
         if k is None:
             k = ctx.k_const
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
+        if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
+            g_x, g_v0 = _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input,
+                                        surrogate, ctx.needs_input_grad[2])
+            return g_x, None, g_v0, None, None, None, None, None, None, None
         _, bwd = _loops(h_seq)
         g_x, g_k, g_v0 = bwd(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset,
                              surrogate, need_k_grad, ctx.needs_input_grad[2])
@@ -376,6 +420,14 @@ class BaseNeuron(nn.Module):
         need_k_grad = torch.is_tensor(k) and k.requires_grad
         if torch.is_tensor(k):
             k = k.to(x.dtype)
+        if not self.observers and not (torch.is_grad_enabled() and (x.requires_grad or need_k_grad)):
+            # nothing will differentiate or look at the membrane: no [T, B, ...] membrane buffer, no graph
+            with torch.no_grad():
+                spikes, _, v_last = _loops(x)[0](x, k.detach() if torch.is_tensor(k) else k, v0, self.kind,
+                                                 self.v_threshold, self.v_reset, self.decay_input, False)
+            if self.stateful:
+                self.v = v_last
+            return spikes
         spikes, membrane, v_last = _MultiStep.apply(
             x, k, v0, self.kind, self.v_threshold, self.v_reset, self.decay_input, self.detach_reset,
             self.surrogate, need_k_grad)

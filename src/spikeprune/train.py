@@ -125,6 +125,10 @@ class Trainer:
             import os
 
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
+            from .perf import keep_freed_memory
+
+            keep_freed_memory()
         seed_everything(cfg.seed)
         if loaders is None:
             from .data import build_loaders
