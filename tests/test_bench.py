@@ -139,3 +139,29 @@ def test_cli_bench_dry_run_lists_cells(capsys, tmp_path):
     assert cli_main(["bench", "--config", str(path), "--dry-run", "--only", "rigl,dense"]) == 0
     assert "4 cells" in capsys.readouterr().out
     assert cli_main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def _row(method, name, d, acc, conn, sops):
+    return {"method": method, "method_name": name, "target_density": d, "seed": 0, "accuracy": acc,
+            "connectivity": conn, "sops": sops, "energy_uj": 1.0, "firing_rate": 0.1, "train_time_s": 1.0}
+
+
+def test_standing_compares_core_methods_with_the_best_on_target_baseline():
+    from spikeprune.bench import markdown, standing
+
+    rows = [_row("dense", None, None, 0.90, 1.0, 1000.0),
+            _row("set", "set", 0.25, 0.880, 0.250, 400.0),
+            _row("rigl", "rigl", 0.25, 0.885, 0.255, 500.0),
+            _row("admm", "admm", 0.25, 0.899, 0.300, 600.0),  # more accurate but 5 points denser: not counted
+            _row("pq_rewire", "pq_rewire", 0.25, 0.889, 0.245, 250.0),
+            _row("dynsnn", "dynsnn", 0.25, 0.870, 0.260, 300.0)]
+    table = standing(rows).splitlines()
+    assert len(table) == 4  # header, rule, one line per core method
+    pq = next(line for line in table if "| pq_rewire |" in line)
+    cells = [c.strip() for c in pq.strip("|").split("|")]
+    assert cells[1] == "rigl" and cells[2] == "88.50"  # the best baseline within ±2 points
+    assert cells[8] == "+0.40" and cells[9] == "0.50x"  # 88.9 - 88.5 points; 250 / 500 SOPs
+    dyn = next(line for line in table if "| dynsnn |" in line)
+    assert "| -1.50 |" in dyn and "| 0.60x |" in dyn
+    md = markdown(rows)
+    assert "| admm | 25 |" in md and "✗ +5.00" in md and "✓ +0.50" in md

@@ -325,3 +325,24 @@ def test_every_config_section_is_a_dataclass():
         if f.name in ("model", "data", "train", "measure"):
             assert dataclasses.is_dataclass(f.default_factory())
     assert DataConfig().val_split == 0.0
+
+
+def test_reuse_ignores_settings_that_cannot_change_results(tmp_path):
+    import json
+
+    from spikeprune.cli import _finished_with
+    from spikeprune.config import RunConfig, from_dict, to_dict
+
+    cfg = from_dict(RunConfig, {"name": "r", "out_dir": str(tmp_path), "train": {"epochs": 3}})
+    cfg.run_dir.mkdir(parents=True)
+    assert not _finished_with(cfg)  # no results yet
+    (cfg.run_dir / "results.json").write_text("{}")
+    stored = to_dict(cfg)
+    stored["out_dir"] = "elsewhere"  # trained in another place, then moved here
+    stored["train"]["progress"] = False
+    stored["train"]["checkpoint_every"] = 50
+    (cfg.run_dir / "config.json").write_text(json.dumps(stored))
+    assert _finished_with(cfg)
+    stored["train"]["epochs"] = 4  # a setting that changes the results
+    (cfg.run_dir / "config.json").write_text(json.dumps(stored))
+    assert not _finished_with(cfg)

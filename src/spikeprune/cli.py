@@ -273,7 +273,20 @@ def _finished_with(cfg) -> bool:
         old = to_dict(from_dict(RunConfig, json.loads((rd / "config.json").read_text())))
     except ConfigError:
         return False
-    return json.loads(json.dumps(old)) == json.loads(json.dumps(to_dict(cfg)))
+    return _result_fields(old) == _result_fields(to_dict(cfg))
+
+
+# train settings that cannot change a run's results (what it prints, how often it checkpoints, the allocator)
+_COSMETIC_TRAIN = ("progress", "checkpoint_every", "keep_checkpoints", "keep_freed_memory")
+
+
+def _result_fields(d: dict) -> dict:
+    """A config without the settings that cannot change results (``out_dir`` too: the run dir is what is checked)."""
+    d = json.loads(json.dumps(d))
+    d.pop("out_dir", None)
+    for k in _COSMETIC_TRAIN:
+        d.get("train", {}).pop(k, None)
+    return d
 
 
 def _compare(args) -> int:

@@ -158,15 +158,19 @@ def _forward_loop(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: boo
     h_seq = torch.empty_like(s_seq) if keep_membrane else None
     h_buf = None if keep_membrane else torch.empty_like(s_seq[0])
     v_buf = torch.empty_like(s_seq[0])
-    v = v0
-    for t in range(x.shape[0]):
-        h, s = (h_seq[t] if keep_membrane else h_buf), s_seq[t]
-        if kind != "if" and decay_input:  # H = V + k (X - V) (+ k V_reset)
-            torch.lerp(v, x[t], k, out=h)
+    xs, ss = x.unbind(0), s_seq.unbind(0)  # views made once (one call, not 3T indexing calls)
+    hs = h_seq.unbind(0) if keep_membrane else None
+    v = v0  # None: at rest at 0 (the caller passes V_reset explicitly when it is not 0)
+    for t in range(len(xs)):
+        h, s = (hs[t] if keep_membrane else h_buf), ss[t]
+        if v is None:  # H = b X + c
+            torch.mul(xs[t], b, out=h)
+        elif kind != "if" and decay_input:  # H = V + k (X - V) (+ k V_reset)
+            torch.lerp(v, xs[t], k, out=h)
         elif torch.is_tensor(a):
-            torch.addcmul(x[t], v, a, out=h)
+            torch.addcmul(xs[t], v, a, out=h)
         else:
-            torch.add(x[t], v, alpha=a, out=h)
+            torch.add(xs[t], v, alpha=a, out=h)
         if not (isinstance(c, float) and c == 0.0):
             h.add_(c)
         torch.ge(h, v_th, out=s)  # straight into the float spike buffer (a bool mask is slower on CPU)
@@ -192,19 +196,21 @@ def _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay
     tmp = torch.empty_like(out[0])
     keep = None if v_reset is None else torch.empty_like(tmp)
     zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    outs, hs = out.unbind(0), h_seq.unbind(0)
+    gs = g_s.unbind(0) if g_s is not None else None
     for t in range(T - 1, -1, -1):
-        g = out[t]
-        nxt, scale = (out[t + 1], a) if t < T - 1 else (g_v_last, b)
+        g = outs[t]
+        nxt, scale = (outs[t + 1], a) if t < T - 1 else (g_v_last, b)
         if nxt is None:
             g.zero_()
         elif keep is None:
             torch.mul(nxt, scale, out=g)
         else:
-            torch.addcmul(zero, torch.lt(h_seq[t], v_th, out=keep), nxt, value=scale, out=g)
+            torch.addcmul(zero, torch.lt(hs[t], v_th, out=keep), nxt, value=scale, out=g)
         if g_h_out is not None:
             g.add_(g_h_out[t], alpha=b)
-        if g_s is not None:
-            surrogate.add_grad_(g, g_s[t], torch.sub(h_seq[t], v_th, out=tmp), b)
+        if gs is not None:
+            surrogate.add_grad_(g, gs[t], torch.sub(hs[t], v_th, out=tmp), b)
     g_v0 = out[0] * (a / b) if need_v0_grad else None
     return out, g_v0
 
@@ -247,7 +253,8 @@ def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, de
             g[t].addcmul_(m[t], g[t + 1])
     g_k = None
     if need_k_grad:
-        v_prev = torch.cat([v0.unsqueeze(0), _after_reset(h_seq[:-1], v_th, v_reset)])
+        v_first = torch.zeros_like(h_seq[0]) if v0 is None else v0
+        v_prev = torch.cat([v_first.unsqueeze(0), _after_reset(h_seq[:-1], v_th, v_reset)])
         # dH/dk: decay_input -> X - (V - Vr) = (H - V)/k ; otherwise -(V - Vr)
         if decay_input:
             dh_dk = (h_seq - v_prev).div_(k)
@@ -414,8 +421,8 @@ class BaseNeuron(nn.Module):
             raise ValueError(f"{type(self).__name__} expects a multi-step tensor [T, B, ...], got shape "
                              f"{tuple(x.shape)}")
         v0 = self.v if (self.stateful and self.v is not None) else None
-        if v0 is None:
-            v0 = torch.full_like(x[0], 0.0 if self.v_reset is None else self.v_reset)
+        if v0 is None and self.v_reset:  # at rest at a non-zero V_reset (None: at rest at 0, no tensor needed)
+            v0 = torch.full_like(x[0], self.v_reset)
         k = self.decay()
         need_k_grad = torch.is_tensor(k) and k.requires_grad
         if torch.is_tensor(k):
