@@ -262,6 +262,18 @@ def test_eslsnn_er_init_and_momentum_growth():
 
 
 # ============================================================================================= Deep R
+def test_deep_r_draws_distinct_dormant_connections_uniformly():
+    m, _ = setup("deep_r", fc(), target_density=0.25)
+    counts = torch.zeros(40)
+    for _ in range(2000):
+        idx = m._draw(40, 3)  # rejection sampling (3 of 40)
+        assert idx.numel() == 3 and idx.unique().numel() == 3 and 0 <= int(idx.min()) and int(idx.max()) < 40
+        counts[idx] += 1
+    assert counts.sum() == 6000 and (counts - 150).abs().max() < 60  # 150 expected each; binomial sd ~12
+    full = m._draw(10, 6)  # permutation path
+    assert full.unique().numel() == 6 and int(full.max()) < 10
+
+
 def test_deep_r_keeps_the_budget_and_rewires_sign_flips():
     m, tr = setup("deep_r", fc(), target_density=0.25, l1=0.0, eps=1e-3)
     m.on_train_start(tr)

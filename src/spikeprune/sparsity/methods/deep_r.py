@@ -81,11 +81,23 @@ class DeepR(Method):
                 continue
             dormant = (~alive).flatten().nonzero().squeeze(1)  # draw `need` of them, uniformly
             grow = torch.zeros_like(alive)
-            grow.view(-1)[dormant[torch.randperm(dormant.numel(), generator=self.generator)[:need].to(w.device)]] = True
+            grow.view(-1)[dormant[self._draw(dormant.numel(), need).to(w.device)]] = True
             self.engine.set_mask(n, alive | grow)
             w[grow] = self.cfg.eps * s[grow]
             regrown += int(grow.sum())
         return regrown
+
+    def _draw(self, n: int, k: int) -> torch.Tensor:
+        """``k`` distinct indices of ``range(n)``, uniformly: rejection sampling when ``k`` is a small part of ``n``
+        (a step re-activates a handful of the ~10⁵-10⁶ dormant connections, and a full permutation of them each
+        step doubled the cost of a training step), a permutation otherwise."""
+        if 4 * k > n:
+            return torch.randperm(n, generator=self.generator)[:k]
+        picked = torch.empty(0, dtype=torch.long)
+        while picked.numel() < k:
+            draw = torch.randint(n, (2 * (k - picked.numel()),), generator=self.generator)
+            picked = torch.cat([picked, draw]).unique(sorted=False)
+        return picked[torch.randperm(picked.numel(), generator=self.generator)[:k]]
 
     def extra_state(self) -> dict:
         return {"signs": {k: v.cpu() for k, v in self.signs.items()}, "budget": self.budget}
