@@ -326,3 +326,23 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert all(p.read_bytes() == b for p, b in good_bytes.items())
     assert not list(Path(cfg.run_dir).glob("*.tmp"))
     ckpt.load(good[0])  # still readable
+
+
+def test_cli_compact_times_a_folded_full_width_reference(tmp_path, capsys):
+    from spikeprune.cli import _folded_copy, _load_run
+
+    path = write(tmp_path, recipe(tmp_path / "runs", name="sca", model=CONVNET, method=SCA))
+    assert main(["train", "--config", str(path), "--set", "train.epochs=2"]) == 0
+    rd = tmp_path / "runs" / "sca"
+    cfg, model, test = _load_run(str(rd), None)
+    full = _folded_copy(str(rd), cfg, model)
+    assert not any(k.endswith(("weight_mask", "unit_mask")) for k in full.state_dict())
+    assert not any(m._forward_hooks for m in full.modules())
+    dead = [int((~v).sum()) for k, v in model.state_dict().items() if k.endswith("unit_mask")]
+    assert dead and sum(dead) > 0  # the original keeps its masks, and some channels are dead
+    x = next(iter(test))[0]
+    with torch.no_grad():
+        assert torch.equal(full.eval()(x), model.eval()(x))  # same network, masks folded into the weights
+    capsys.readouterr()
+    assert main(["compact", str(rd), "--out", str(tmp_path / "c.pt")]) == 0
+    assert "masks folded at full width" in capsys.readouterr().out

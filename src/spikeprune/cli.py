@@ -117,13 +117,35 @@ def _load_run(run_dir: str, data_root: str | None):
     return cfg, model, test
 
 
-def load_masked_state(model, state: dict) -> None:
-    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks)."""
+def _folded_copy(run_dir: str, cfg, model):
+    """The run's network at full width with its masks folded into the weights (no mask buffers, no hooks): what
+    the masked model costs once deployed without compaction, the fair reference for the compacted one's speed."""
+    import copy
+
+    import torch
+
+    state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+    full = copy.deepcopy(model)
+    for mod in full.modules():  # the copy carries the original engine's hooks and buffers: start from bare layers
+        mod._forward_hooks.clear()
+        mod._forward_pre_hooks.clear()
+        for b in ("weight_mask", "unit_mask"):
+            mod._buffers.pop(b, None)
+    engine = load_masked_state(full, state)
+    if engine is not None:
+        engine.remove()
+    return full
+
+
+def load_masked_state(model, state: dict):
+    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks).
+    Returns the :class:`MaskEngine` holding them (``None`` for a dense state)."""
     from .sparsity.masks import MaskEngine
 
     modules = dict(model.named_modules())
     weight_masked = [k[: -len(".weight_mask")] for k in state if k.endswith(".weight_mask")]
     unit_masked = [k[: -len(".unit_mask")] for k in state if k.endswith(".unit_mask")]
+    engine = None
     if weight_masked or unit_masked:
         all_syn = [n for n, mm in modules.items() if hasattr(mm, "weight") and n in weight_masked]
         ignored = [n for n, mm in modules.items() if mm.__class__.__name__ in ("Conv2d", "Linear")
@@ -132,6 +154,7 @@ def load_masked_state(model, state: dict) -> None:
         if unit_masked:
             engine.enable_units(unit_masked)
     model.load_state_dict(state)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +262,7 @@ def _dispatch(args) -> int:
         from .compact import compact_report
 
         print(compact_report(model, test, out=args.out or str(Path(args.run_dir) / "compact.pt"),
-                             max_batches=args.max_batches))
+                             max_batches=args.max_batches, reference=_folded_copy(args.run_dir, cfg, model)))
         return 0
     raise ValueError(f"unknown command {args.command!r}")
 
