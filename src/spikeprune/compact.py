@@ -230,8 +230,8 @@ def compact_report(model: nn.Module, loader: Iterable, out: str | None = None, m
             f"| max abs output difference (first batch) | | {diff:.3g} | |",
             f"| inference s / batch ({where}) | {t_before:.4g} | {t_after:.4g} | {_ratio(t_before, t_after)} |"]
     if t_ref is not None:
-        rows.append(f"| inference s / batch, masks folded at full width (no mask hooks) | {t_ref:.4g} | {t_after:.4g} | "
-                    f"{_ratio(t_ref, t_after)} |")
+        rows.append(f"| inference s / batch, masks folded at full width (no mask hooks) | {t_ref:.4g} | "
+                    f"{t_after:.4g} | {_ratio(t_ref, t_after)} |")
     if out is not None:
         rows.append(f"\ncompacted model saved to `{out}` (load with `torch.load(path, weights_only=False)`)")
     return "\n".join(rows)
