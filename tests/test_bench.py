@@ -4,7 +4,6 @@ and the shipped bench recipes (every cell builds; nothing reads real data)."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -59,10 +58,12 @@ def test_bench_grid_rows_resume_and_plots(tmp_path, monkeypatch):
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(Trainer, "fit", refuse)
+    bench.report_dir = str(tmp_path / "report")  # tables and plots elsewhere; the runs stay where they are
     res = B.run_bench(bench, tmp_path, log=lambda *a: None)
     assert res["trained"] == 0
-    with open(out / "results.csv") as f:
+    with open(tmp_path / "report" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
+    assert (tmp_path / "report" / "acc_vs_sops.png").is_file() and not (tmp_path / "report" / "runs").exists()
     # a cell without results.json is trained again (and only that one)
     monkeypatch.undo()
     (out / "runs" / "set_d25_s0" / "results.json").unlink()
@@ -130,13 +131,15 @@ def test_fmnist_bench_cells_build(name):
 
 
 def test_cli_bench_dry_run_lists_cells(capsys, tmp_path):
-    path = ROOT / "configs" / "bench" / "fmnist_fc3.yaml"
-    assert cli_main(["bench", "--config", str(path), "--dry-run", "--set", "train.epochs=1",
-                     "--set", f"out_dir={json.dumps(str(tmp_path))}"]) == 0
+    src = ROOT / "configs" / "bench" / "fmnist_fc3.yaml"
+    text = src.read_text().replace("base: ../fmnist/fc3_dense.yaml", f"base: {ROOT / 'configs/fmnist/fc3_dense.yaml'}")
+    path = tmp_path / "fmnist_fc3.yaml"  # the shipped recipe with its runs in tmp_path (the tree may hold real ones)
+    path.write_text(text.replace("out_dir: runs/bench/fmnist_fc3", f"out_dir: {tmp_path / 'bench'}"))
+    assert cli_main(["bench", "--config", str(path), "--dry-run", "--set", "train.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "dense_s0" in out and "rigl_d10_s0" in out and "grad_r_d50_s0" not in out
-    assert "39 cells: 0 done, 39 to train" in out and not (tmp_path / "runs").exists()
-    assert cli_main(["bench", "--config", str(path), "--dry-run", "--only", "rigl,dense"]) == 0
+    assert "39 cells: 0 done, 39 to train" in out and not (tmp_path / "bench").exists()
+    assert cli_main(["bench", "--config", str(src), "--dry-run", "--only", "rigl,dense"]) == 0
     assert "4 cells" in capsys.readouterr().out
     assert cli_main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 2
 

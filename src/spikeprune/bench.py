@@ -57,6 +57,7 @@ class BenchConfig:
     recipe: dict = field(default_factory=dict)  # run-config mapping merged over ``base``
     set: list[str] = field(default_factory=list)  # KEY=VALUE overrides of every run
     out_dir: str = "runs/bench"
+    report_dir: str | None = None  # where results.{md,csv} and the plots go (null: out_dir); the runs stay in out_dir
     densities: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
     seeds: list[int] = field(default_factory=lambda: [0])
     dense: bool = True  # also train the dense baseline, once per seed
@@ -181,7 +182,7 @@ def run_bench(bench: BenchConfig, root: Path = Path("."), overrides: list[str] |
               only: list[str] | None = None, dry_run: bool = False, log=print) -> dict:
     """Train every unfinished cell, then write the tables and plots. Returns counts and the output paths."""
     grid = cells(bench, root, overrides, only)
-    out = Path(bench.out_dir)
+    out = Path(bench.report_dir or bench.out_dir)
     todo = [c for c in grid if not c.finished]
     if dry_run:
         from .checkpoint import list_checkpoints
