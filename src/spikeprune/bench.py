@@ -270,7 +270,8 @@ def markdown(rows: list[dict]) -> str:
         on = "" if d is None else (f"✓ {100 * (conn - d):+.2f}" if abs(conn - d) <= TARGET_TOLERANCE + 1e-9
                                    else f"✗ {100 * (conn - d):+.2f}")
         lines.append(
-            f"| {m} | {'' if d is None else f'{100 * d:g}'} | {len(rs)} | {100 * acc:.2f} ± {100 * sd:.2f} | {delta} | "
+            f"| {m} | {'' if d is None else f'{100 * d:g}'} | {len(rs)} | {100 * acc:.2f}"
+            f"{f' ± {100 * sd:.2f}' if len(rs) > 1 else ''} | {delta} | "
             f"{100 * conn:.2f} | {on} | "
             f"{statistics.mean(r['sops'] for r in rs):,.0f} | {statistics.mean(r['energy_uj'] for r in rs):.3f} | "
             f"{statistics.mean(r['firing_rate'] for r in rs):.4f} | "
