@@ -325,6 +325,7 @@ def write_report(bench: BenchConfig, grid: list[Cell], out: Path, header: str = 
 
 def plot(rows: list[dict], out: Path, layer_plots: list[float] | None = None) -> list[str]:
     """Accuracy vs connectivity and vs effective SOPs, and per-layer connectivity bars (Agg canvas, no pyplot)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -337,11 +338,15 @@ def plot(rows: list[dict], out: Path, layer_plots: list[float] | None = None) ->
         fig = Figure(figsize=(6.4, 4.4))
         FigureCanvasAgg(fig)
         ax = fig.subplots()
-        for m in methods:
+        core = {r["method"] for r in rows if r.get("method_name") in CORE_METHODS}
+        colors = matplotlib.colormaps["tab20"].colors  # more methods than tab10 has colours
+        for i, m in enumerate(methods):
             pts = sorted((statistics.mean(r[key] for r in rs) * scale, *_mean_std([100 * r["accuracy"] for r in rs]))
                          for (mm, _), rs in groups.items() if mm == m)
             xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            ax.errorbar(xs, ys, yerr=es, capsize=3, label=m, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+                        marker="D" if m in core else "o", lw=2.2 if m in core else 1.0,
+                        ms=7 if m in core else 4, zorder=3 if m in core else 2)
         if dense:
             acc = statistics.mean(100 * r["accuracy"] for r in dense)
             ax.axhline(acc, color="k", ls="--", lw=1)
