@@ -69,20 +69,15 @@ def batches_of(x: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
 def load_run(run_dir: str) -> tuple[nn.Module, nn.Module]:
     """A finished run's model with its masks (``config.json`` + ``model.pt``), and a fresh dense model of the
     same configuration (no masks)."""
-    from spikeprune.cli import load_masked_state
+    from spikeprune.cli import run_model
 
     rd = Path(run_dir)
     cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
     info = dataset_info(cfg.data.name, **cfg.data.options)
     m = cfg.model
-
-    def build() -> nn.Module:
-        return create_model(m.name, num_classes=info.num_classes, in_channels=info.in_shape[-3], T=m.T,
-                             neuron=m.neuron, encoding=m.encoding, **m.options).eval()
-
-    model = build()
-    load_masked_state(model, torch.load(rd / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), build()
+    dense = create_model(m.name, num_classes=info.num_classes, in_channels=info.in_shape[-3], T=m.T,
+                         neuron=m.neuron, encoding=m.encoding, **m.options)
+    return run_model(rd, cfg).eval(), dense.eval()
 
 
 @torch.no_grad()

@@ -301,7 +301,7 @@ def standing(rows: list[dict], core: tuple[str, ...] = CORE_METHODS) -> str:
             acc, conn, sops = by[(m, d)]
             lines.append(f"| {100 * d:g} | {bm} | {100 * bacc:.2f} | {100 * bconn:.2f} | {bsops:,.0f} | {m} | "
                          f"{100 * acc:.2f} | {100 * conn:.2f} | {100 * (acc - bacc):+.2f} | "
-                         f"{sops / bsops:.2f}x |" if bsops else "")
+                         f"{f'{sops / bsops:.2f}x' if bsops else '-'} |")
     return "\n".join(lines)
 
 

@@ -93,48 +93,43 @@ def _root_override(root: str) -> str:
     return f"data.root={json.dumps(str(root))}"
 
 
-def _load_run(run_dir: str, data_root: str | None):
-    """Rebuild a finished run's model (with its masks) and test loader."""
+def run_model(run_dir: str | Path, cfg=None, fold: bool = False):
+    """A finished run's network rebuilt from ``config.json`` and ``model.pt``: with its masks (buffers and hooks,
+    as trained) or, with ``fold``, the masks folded into the weights (:meth:`MaskEngine.remove`): the same network
+    at full width with no mask machinery, e.g. the fair reference for a compacted one's speed."""
     import torch
 
     from .config import RunConfig, from_dict
-    from .data import build_loaders
+    from .data import dataset_info
     from .models import create_model
 
     rd = Path(run_dir)
     if not (rd / "config.json").is_file() or not (rd / "model.pt").is_file():
         raise FileNotFoundError(f"{rd} is not a finished run (needs config.json and model.pt)")
-    raw = json.loads((rd / "config.json").read_text())
-    cfg = from_dict(RunConfig, raw)
-    d = cfg.data
-    _, _, test, info = build_loaders(d.name, root=data_root or d.root, batch_size=d.batch_size,
-                                     eval_batch_size=d.eval_batch_size, seed=cfg.seed, **d.options)
-    m = cfg.model
+    if cfg is None:
+        cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
+    info, m = dataset_info(cfg.data.name, **cfg.data.options), cfg.model
     model = create_model(m.name, num_classes=info.num_classes, in_channels=info.in_shape[-3], T=m.T,
                          neuron=m.neuron, encoding=m.encoding, **m.options)
-    state = torch.load(rd / "model.pt", map_location="cpu", weights_only=True)
-    load_masked_state(model, state)
-    return cfg, model, test
-
-
-def _folded_copy(run_dir: str, cfg, model):
-    """The run's network at full width with its masks folded into the weights (no mask buffers, no hooks): what
-    the masked model costs once deployed without compaction, the fair reference for the compacted one's speed."""
-    import copy
-
-    import torch
-
-    state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
-    full = copy.deepcopy(model)
-    for mod in full.modules():  # the copy carries the original engine's hooks and buffers: start from bare layers
-        mod._forward_hooks.clear()
-        mod._forward_pre_hooks.clear()
-        for b in ("weight_mask", "unit_mask"):
-            mod._buffers.pop(b, None)
-    engine = load_masked_state(full, state)
-    if engine is not None:
+    engine = load_masked_state(model, torch.load(rd / "model.pt", map_location="cpu", weights_only=True))
+    if fold and engine is not None:
         engine.remove()
-    return full
+    return model
+
+
+def _load_run(run_dir: str, data_root: str | None):
+    """Rebuild a finished run's model (with its masks) and test loader."""
+    from .config import RunConfig, from_dict
+    from .data import build_loaders
+
+    rd = Path(run_dir)
+    if not (rd / "config.json").is_file():
+        raise FileNotFoundError(f"{rd} is not a finished run (needs config.json and model.pt)")
+    cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
+    d = cfg.data
+    _, _, test, _ = build_loaders(d.name, root=data_root or d.root, batch_size=d.batch_size,
+                                  eval_batch_size=d.eval_batch_size, seed=cfg.seed, **d.options)
+    return cfg, run_model(rd, cfg), test
 
 
 def load_masked_state(model, state: dict):
@@ -262,7 +257,7 @@ def _dispatch(args) -> int:
         from .compact import compact_report
 
         print(compact_report(model, test, out=args.out or str(Path(args.run_dir) / "compact.pt"),
-                             max_batches=args.max_batches, reference=_folded_copy(args.run_dir, cfg, model)))
+                             max_batches=args.max_batches, reference=run_model(args.run_dir, cfg, fold=True)))
         return 0
     raise ValueError(f"unknown command {args.command!r}")
 

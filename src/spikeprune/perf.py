@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 __all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-_STATE: dict[str, bool] = {}
 
 
+@functools.cache
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 << 20) -> bool:
     """Make glibc's ``malloc`` keep freed blocks below ``mmap_threshold`` bytes for reuse instead of unmapping them.
 
@@ -20,15 +21,11 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
     about as much as the neuron arithmetic itself (fc3 at T=8: a step 10% faster with this,
     ``benchmarks/throughput.py``). The price is that the process keeps its peak heap instead of returning it to the
     system. Returns ``True`` when applied (idempotent); ``False``, doing nothing, where libc is not glibc."""
-    if "applied" in _STATE:
-        return _STATE["applied"]
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-                libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-        except (OSError, AttributeError):
-            ok = False
-    _STATE["applied"] = ok
-    return ok
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    except (OSError, AttributeError):
+        return False
