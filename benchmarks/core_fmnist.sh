@@ -10,7 +10,10 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 f=configs/fmnist
 spikeprune compare $f/fc3_dense.yaml $f/fc3_dynsnn_58.yaml $f/fc3_dynsnn_60.yaml $f/fc3_dynsnn_72.yaml \
+  $f/fc3_dynsnn_57_ft.yaml $f/fc3_dynsnn_58_ft.yaml $f/fc3_dynsnn_70_ft.yaml \
   $f/fc3_pq_layer.yaml $f/fc3_pq_neuron.yaml --set out_dir=runs/fmnist --out $out/core_fmnist_fc3 "$@"
 spikeprune compare $f/convnet_dense.yaml $f/convnet_sca.yaml $f/convnet_pq_layer.yaml $f/convnet_pq_neuron.yaml \
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet "$@"
+spikeprune compare $f/convnet_dense_wide.yaml $f/convnet_wide_pq_layer.yaml $f/convnet_wide_pq_neuron.yaml \
+  --set out_dir=runs/fmnist --out $out/core_fmnist_convnet_wide "$@"
 spikeprune compact runs/fmnist/convnet_sca > $out/core_fmnist_sca_compact.md

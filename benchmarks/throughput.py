@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spikeprune._ext import use_cpp
 from spikeprune.models import create_model
 from spikeprune.neurons import BaseNeuron
 
@@ -199,7 +200,7 @@ def available(framework: str) -> bool:
 
 def build(framework: str, name: str, T: int) -> tuple[nn.Module, object]:
     """(model, reset function or None)."""
-    if framework == "spikeprune":
+    if framework in ("spikeprune", "spikeprune-eager"):  # eager: the same model, compiled kernels off (below)
         return ours(name, T), None
     if framework == "spikeprune-identity":
         return ours(name, T, identity=True), None
@@ -279,6 +280,8 @@ def measure_config(name: str, T: int, batch: int, frameworks: list[str], args, d
             torch.manual_seed(0)
             model, reset = build(fw, name, T)
             steps[fw] = make_step(model.to(device), reset, phase, x, y)
+            if fw == "spikeprune-eager":
+                steps[fw] = without_cpp(steps[fw])
             for _ in range(args.warmup):
                 steps[fw]()
         times: dict[str, list[float]] = {fw: [] for fw in frameworks}
@@ -302,6 +305,17 @@ def measure_config(name: str, T: int, batch: int, frameworks: list[str], args, d
     return rows
 
 
+def without_cpp(step):
+    """``step`` run with spikeprune's compiled CPU kernels switched off (the eager PyTorch loops)."""
+    def run():
+        use_cpp(False)
+        try:
+            step()
+        finally:
+            use_cpp(True)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- report
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
@@ -323,7 +337,8 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
               "which their users can do by hand: the gap that is left there is the neurons' alone.",
               "- Ratios are spikeprune samples/s over the other framework's (> 1: spikeprune faster). "
               "Neuron overhead: spikeprune training step time over the same network with identity neurons "
-              "(same layers, same layout).", ""]
+              "(same layers, same layout). *compiled / eager*: spikeprune with its compiled CPU neuron kernel "
+              "(`spikeprune._ext`) over the same model with it switched off (`use_cpp(False)`).", ""]
     def get(cfg, phase, fw):
         return next((r for r in rows if (r["model"], r["T"], r["batch"]) == cfg and r["phase"] == phase
                      and r["framework"] == fw), None)
@@ -334,6 +349,8 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
     for phase, title in (("train", "Training"), ("infer", "Inference")):
         cols = ["model", "T", "batch", "spikeprune /s", *[f"{names[o]} /s" for o in others],
                 *[f"ours / {names[o]}" for o in others]]
+        if "spikeprune-eager" in frameworks:
+            cols.append("compiled / eager kernels")
         if phase == "train":
             cols.append("neuron overhead (ours / identity step time)")
         lines += [f"## {title} (samples/s, median of rounds)", "", "| " + " | ".join(cols) + " |",
@@ -343,6 +360,8 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
             sps = {fw: (get(cfg, phase, fw) or {}).get("samples_per_s") for fw in frameworks}
             cells = [*map(str, cfg), f"{sps['spikeprune']:.1f}", *[f"{sps[o]:.1f}" if sps[o] else "-" for o in others],
                      *[ratio(sps["spikeprune"], sps[o]) for o in others]]
+            if "spikeprune-eager" in frameworks:
+                cells.append(ratio(sps["spikeprune"], sps["spikeprune-eager"]))
             if phase == "train":
                 ident = get(cfg, phase, "spikeprune-identity")
                 cells.append(ratio(me["ms_per_batch"], ident["ms_per_batch"]) if ident else "-")
@@ -367,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--frameworks", nargs="+",
-                   default=["spikeprune", "spikeprune-identity", "spikingjelly", "snntorch", "spikingjelly-nhwc",
-                            "snntorch-nhwc"],
+                   default=["spikeprune", "spikeprune-eager", "spikeprune-identity", "spikingjelly", "snntorch",
+                            "spikingjelly-nhwc", "snntorch-nhwc"],
                    help="'-nhwc' variants: that framework's model converted to channels-last (convnet only)")
     p.add_argument("--configs", nargs="+", default=[f"{m}:{T}" for m, T in CONFIGS], help="model:T pairs")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 4, 1 round of 1 step")

@@ -92,3 +92,23 @@ def test_backward_reaches_every_weight(name, kwargs):
     for mod in model.modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             assert mod.weight.grad is not None and torch.isfinite(mod.weight.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5, 8, 8), (2, 7, 7, 9), (4, 2, 16, 6, 5)])
+def test_maxpool_without_grad_equals_the_pooling_kernel(shape):
+    # the inference shortcut (max of four strided views) gives the pooling kernel's values, odd sizes included,
+    # in either memory layout; with autograd the kernel itself runs
+    from spikeprune.layers import MaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    pool = MaxPool2d(2)
+    want = torch.nn.functional.max_pool2d(x.flatten(0, -4), 2).reshape(*shape[:-2], shape[-2] // 2, shape[-1] // 2)
+    for inp in (x, x.flatten(0, -4).contiguous(memory_format=torch.channels_last).reshape(shape)):
+        with torch.no_grad():
+            assert torch.equal(pool(inp), want)
+    xg = x.clone().requires_grad_()
+    out = pool(xg)
+    assert torch.equal(out.detach(), want) and out.grad_fn is not None
+    out.sum().backward()
+    assert xg.grad.sum() == want.numel()  # one input per window gets the gradient

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from spikeprune._ext import cpu_kernels, use_cpp
 from spikeprune.neurons import (
     IF,
     LIF,
@@ -163,6 +164,16 @@ def test_two_step_bptt_by_hand():
 KINDS = ["lif", "lif_nodecay", "if", "plif"]
 RESETS = [0.0, -0.3, None]
 SURR = ["atan", "sigmoid", "triangle"]
+
+
+@pytest.fixture(autouse=True, params=["cpp", "eager"])
+def backend(request):
+    """Every test runs on the compiled CPU kernels and on the eager loops: both must meet the same reference."""
+    use_cpp(request.param == "cpp")
+    if request.param == "cpp" and cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable (no C++ compiler / ninja)")
+    yield request.param
+    use_cpp(True)
 
 
 def build(kind: str, v_reset, detach_reset: bool, surrogate: str, tau: float = 3.0):
@@ -459,3 +470,66 @@ def test_make_neuron_and_is_neuron():
     assert isinstance(make_neuron("plif", init_tau=3.0), PLIF)
     assert isinstance(make_neuron("lif", tau=5.0), LIF)
     assert is_neuron(IF()) and not is_neuron(nn.ReLU())
+
+
+@pytest.mark.parametrize("kind, v_reset, surrogate", list(itertools.product(["lif", "lif_nodecay", "if"],
+                                                                            RESETS, SURR)))
+def test_compiled_kernel_equals_eager_loops(backend, kind, v_reset, surrogate):
+    # the two implementations of the fused neuron: same spikes and membrane, gradients within float32 rounding
+    if backend != "cpp":
+        pytest.skip("compares the compiled kernel against the eager loops")
+    torch.manual_seed(zlib.crc32(repr((kind, v_reset, surrogate)).encode()))
+    x = random_input(kind, 5, 4, 3, 6, 6).detach()
+    g = torch.randn_like(x)
+    outs = {}
+    for use in (True, False):
+        use_cpp(use)
+        neuron = build(kind, v_reset, True, surrogate)
+        mem = []
+        neuron.observers.append(lambda m, s, u, mem=mem: mem.append(u))
+        xi = x.clone().requires_grad_()
+        s = neuron(xi)
+        (s * g).sum().backward()
+        outs[use] = (s.detach(), mem[0].detach(), xi.grad)
+    (s1, h1, g1), (s0, h0, g0) = outs[True], outs[False]
+    assert torch.equal(s1, s0) and 0 < s1.sum() < s1.numel()
+    assert torch.allclose(h1, h0, rtol=0, atol=1e-6)
+    assert torch.allclose(g1, g0, rtol=1e-6, atol=1e-6), (g1 - g0).abs().max()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "t_inner"])
+def test_any_memory_layout_gives_the_same_result(layout):
+    # channels-last steps run in place; a tensor whose T is not outermost is copied first: same spikes and grads
+    torch.manual_seed(3)
+    x = random_input("lif", 4, 2, 3, 5, 5).detach()
+    if layout == "channels_last":
+        y = x.clone().flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    else:
+        y = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(x, y) and x.stride() != y.stride()
+    res = []
+    for inp in (x, y):
+        inp = inp.clone(memory_format=torch.preserve_format).requires_grad_()
+        s = LIF()(inp)
+        s.sum().backward()
+        res.append((s, inp.grad))
+    assert torch.equal(res[0][0], res[1][0]) and torch.allclose(res[0][1], res[1][1], atol=1e-7)
+
+
+def test_failed_kernel_build_falls_back_to_eager_with_a_warning(monkeypatch):
+    # no compiler (here: a build that raises) must cost speed, not correctness: one warning, then eager loops
+    from torch.utils import cpp_extension
+
+    from spikeprune import _ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(_ext, "_STATE", {"enabled": True, "module": None, "tried": False})
+    with pytest.warns(RuntimeWarning, match="no C..? compiler"):
+        assert _ext.cpu_kernels() is None
+    assert _ext.cpu_kernels() is None  # tried once per process, no second warning
+    x = random_input("lif", 4, 3, 5).detach()
+    with torch.no_grad():
+        assert torch.equal(LIF()(x), reference(LIF(), x))

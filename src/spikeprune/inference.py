@@ -26,8 +26,12 @@ with inputs and weights that do not require grad); otherwise the layer is an ord
 through it is unchanged. Their index structures are built lazily and rebuilt when the weights change.
 
 :func:`to_event_driven` returns an inference copy of a model with masks folded (via :func:`~spikeprune.compact`)
-and every synaptic layer whose input is spikes swapped for its event-driven version; the first, analog-input layer
-(direct encoding) stays dense.
+and every synaptic layer whose input is spikes swapped for its event-driven version; an analog-input Linear layer
+(direct encoding) may only use its sparse weights (``dense`` or ``csr``), and an analog-input conv stays dense.
+
+On CPU the ``event`` and ``csr`` paths of :class:`EventLinear` run as one call each into the compiled kernels of
+:mod:`spikeprune._ext` (eager PyTorch when they are unavailable): at batch 1 the eager paths spend most of their time
+launching small kernels.
 
 What to expect: on a CPU, event-driven paths win at small batches and low rates and densities (batch 1: the
 dense kernel is memory-bound on the whole weight matrix); at large batches dense BLAS usually wins, which ``auto``
@@ -54,6 +58,7 @@ __all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "eve
 
 LINEAR_MODES = ("dense", "csr", "gather", "event")
 CONV_MODES = ("dense", "event")
+_ANALOG_PATHS = ("auto", "dense", "csr")  # what a Linear layer with analog (non-spike) input gets: weight sparsity
 _CHUNK = 1 << 22  # scatter-add at most this many (spike, weight) pairs at once (bounded temporary memory)
 
 
@@ -90,9 +95,12 @@ class _EventMixin:
 
     MODES: tuple[str, ...] = ()
 
-    def _init_event(self, mode: str, repeats: int) -> None:
-        if mode != "auto" and mode not in self.MODES:
-            raise ValueError(f"mode must be 'auto' or one of {self.MODES}, got {mode!r}")
+    def _init_event(self, mode: str, repeats: int, paths: Iterable[str] | None = None) -> None:
+        self.paths = tuple(self.MODES if paths is None else paths)
+        if not self.paths or any(p not in self.MODES for p in self.paths):
+            raise ValueError(f"paths must be a non-empty subset of {self.MODES}, got {self.paths}")
+        if mode != "auto" and mode not in self.paths:
+            raise ValueError(f"mode must be 'auto' or one of {self.paths}, got {mode!r}")
         if int(repeats) < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.mode = mode
@@ -105,8 +113,8 @@ class _EventMixin:
 
     # ------------------------------------------------------------------------------------- structures
     def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        w = self.weight  # a new device, dtype or shape is a new storage: its address and version say it all
+        return (w.data_ptr(), w._version)
 
     def _structures(self) -> dict:
         key = self._weight_key()
@@ -169,7 +177,7 @@ class _EventMixin:
         self._structures()
         times: dict[str, float] = {}
         best_out = None
-        for mode in (self.MODES if modes is None else tuple(modes)):
+        for mode in (self.paths if modes is None else tuple(modes)):
             y = self._run(x, mode)  # warm-up
             best = math.inf
             for i in range(self.repeats):
@@ -190,29 +198,31 @@ class _EventMixin:
         return best_out
 
     def _event_repr(self) -> str:
-        return f"mode={self.mode!r}"
+        return f"mode={self.mode!r}" + ("" if self.paths == self.MODES else f", paths={self.paths}")
 
 
 class EventLinear(_EventMixin, layers.Linear):
     """``nn.Linear`` with event-driven inference paths (see the module docstring); ``mode`` is ``"auto"``,
-    ``"dense"``, ``"csr"``, ``"gather"`` or ``"event"``; ``repeats`` timed runs per path in calibration."""
+    ``"dense"``, ``"csr"``, ``"gather"`` or ``"event"``; ``repeats`` timed runs per path in calibration; ``paths``
+    limits the paths ``auto`` chooses from (default all)."""
 
     MODES = LINEAR_MODES
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "auto",
-                 repeats: int = 3, device=None, dtype=None):
+                 repeats: int = 3, device=None, dtype=None, paths: Iterable[str] | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_event(mode, repeats)
+        self._init_event(mode, repeats, paths)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "auto", repeats: int = 3) -> EventLinear:
+    def from_linear(cls, linear: nn.Linear, mode: str = "auto", repeats: int = 3,
+                    paths: Iterable[str] | None = None) -> EventLinear:
         """An ``EventLinear`` sharing ``linear``'s parameters (a ``weight_mask`` must be folded in first:
         :func:`to_event_driven` does it)."""
         if getattr(linear, "weight_mask", None) is not None:
             raise ValueError("fold the connection mask into the weights first (spikeprune.compact or "
                              "MaskEngine.remove); to_event_driven does both")
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, repeats=repeats,
-                  device="meta")
+                  device="meta", paths=paths)
         new.weight, new.bias = linear.weight, linear.bias
         new.train(linear.training)
         return new
@@ -235,12 +245,27 @@ class EventLinear(_EventMixin, layers.Linear):
             csr = w.to_sparse_csr()
         cols, rows = (w != 0).t().nonzero(as_tuple=True)  # (input i, output o), sorted by input
         out_idx, vals = _ell(cols, rows, self.in_features, w[rows, cols])
-        return {"csr": csr, "wt": w.t().contiguous(), "ell_idx": out_idx, "ell_val": vals}
+        colptr = torch.cat([cols.new_zeros(1), torch.bincount(cols, minlength=self.in_features).cumsum(0)])
+        return {"csr": csr, "wt": w.t().contiguous(), "ell_idx": out_idx, "ell_val": vals,
+                # plain CSR/CSC arrays for the compiled kernels (int64 indices)
+                "csr_arrays": (csr.crow_indices().long(), csr.col_indices().long(), csr.values()),
+                "csc_arrays": (colptr, rows, w[rows, cols].contiguous())}
 
     def _bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y.add_(self.bias)
 
+    def _compiled(self, x2: torch.Tensor):
+        """The compiled CPU kernels when they can take ``x2`` (see :mod:`spikeprune._ext`), else ``None``."""
+        if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.float64) or x2.dtype != self.weight.dtype:
+            return None
+        from ._ext import cpu_kernels
+
+        return cpu_kernels()
+
     def _csr(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
+        ext = self._compiled(x2)
+        if ext is not None:  # one call: each output row's non-zero weights times the input
+            return ext.csr_linear(x2.contiguous(), *st["csr_arrays"], self.bias, self.out_features)
         return self._bias(torch.sparse.mm(st["csr"], x2.t()).t().contiguous())
 
     @staticmethod
@@ -258,6 +283,9 @@ class EventLinear(_EventMixin, layers.Linear):
         return self._bias(y)
 
     def _event(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
+        ext = self._compiled(x2)
+        if ext is not None:  # one call: every non-zero input adds its column's non-zero weights
+            return ext.event_linear(x2.contiguous(), *st["csc_arrays"], self.bias, self.out_features)
         r, c, v = self._spikes(x2)
         n_out = self.out_features
         y = torch.zeros(x2.shape[0] * n_out, dtype=x2.dtype, device=x2.device)
@@ -395,7 +423,9 @@ def to_event_driven(model: nn.Module, mode: str = "auto", example_input: torch.T
     The copy is :func:`~spikeprune.compact` of the model (connection masks folded into the weights, dead units
     removed, no hooks), in eval mode. ``layers`` names the layers to swap; by default every Linear and
     (groups=1) Conv2d whose input is binary in one forward of ``example_input`` (default
-    ``model.example_input(2)``), so the direct-encoded first layer stays dense. Without any example input, every
+    ``model.example_input(2)``). A Linear layer with analog input (the direct-encoded first layer) can still use
+    its weights' sparsity: with ``mode`` ``"auto"`` or ``"csr"`` it becomes an ``EventLinear`` limited to the
+    ``dense`` and ``csr`` paths; with the input-driven modes it stays dense. Without any example input, every
     such layer but the first is swapped. ``mode``/``repeats`` go to each new layer."""
     from .compact import compact
 
@@ -412,12 +442,15 @@ def to_event_driven(model: nn.Module, mode: str = "auto", example_input: torch.T
     elif example_input is not None:
         x = example_input.to(next(new.parameters()).device)
         spiking = _spiking_inputs(new, x, candidates)
-        chosen = [n for n in candidates if n in spiking]
+        chosen = [n for n in candidates if n in spiking
+                  or (mode in _ANALOG_PATHS and isinstance(modules[n], nn.Linear))]
     else:
+        spiking = set(candidates[1:])
         chosen = candidates[1:]
     for name in chosen:
         m = modules[name]
-        swap = (EventLinear.from_linear(m, mode, repeats) if isinstance(m, nn.Linear)
+        paths = None if (layers is not None or name in spiking) else _ANALOG_PATHS[1:]
+        swap = (EventLinear.from_linear(m, mode, repeats, paths) if isinstance(m, nn.Linear)
                 else EventConv2d.from_conv(m, mode, repeats))
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else new, attr, swap)

@@ -59,7 +59,24 @@ class BatchNorm1d(nn.BatchNorm1d):
 
 
 class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` on ``[T, B, C, H, W]`` or ``[B, C, H, W]``.
+
+    Without autograd, the common 2x2 / stride-2 pool is the elementwise maximum of the four strided quarter views:
+    the same values, 1.0-2.8x faster on CPU than the pooling kernel, which also writes argmax indices and does not
+    vectorise over a channel count that is not a multiple of 8 (compacted nets). Training keeps the pooling kernel
+    (its gradient goes to one input per window, as everyone's does)."""
+
+    def _pairwise(self) -> bool:
+        two = (2, (2, 2))
+        return (self.kernel_size in two and self.stride in two and self.padding in (0, (0, 0))
+                and self.dilation in (1, (1, 1)) and not self.ceil_mode and not self.return_indices)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 4 and not (torch.is_grad_enabled() and x.requires_grad) and self._pairwise():
+            h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row/column is dropped
+            top, bottom = x[..., 0:h:2, :w], x[..., 1:h:2, :w]
+            return torch.maximum(torch.maximum(top[..., 0::2], top[..., 1::2]),
+                                 torch.maximum(bottom[..., 0::2], bottom[..., 1::2]))
         return seq_apply(super().forward, x, 4)
 
 

@@ -12,7 +12,9 @@ BPTT recursion with a surrogate derivative, so no autograd node is made per time
 pre-spike membrane ``H`` is saved. The forward does three or four in-place elementwise operations per step; the
 backward computes the surrogate, ``dV/dH`` and the input gradients for all steps at once and loops only over one
 multiply-add per step. On CUDA the same two loops run through ``torch.compile`` (fused kernels) when triton is
-available (:func:`use_compile`). :func:`reference_multistep` is the plain step-by-step loop, kept as the ground
+available (:func:`use_compile`). On CPU, for a constant decay (LIF, IF) and the built-in surrogates, each loop is
+one call into the compiled kernel of :mod:`spikeprune._ext` (all T steps per block of neurons while their membrane
+stays in cache), with the eager loops as the fallback when it cannot be built. :func:`reference_multistep` is the plain step-by-step loop, kept as the ground
 truth for tests.
 
 Observers (``neuron.observers``) receive ``(module, spikes, membrane)`` right after each forward, before any
@@ -28,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ._ext import cpu_kernels
 
 __all__ = [
     "Surrogate", "ATan", "Sigmoid", "Triangle", "SURROGATES", "make_surrogate",
@@ -266,14 +270,70 @@ def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, de
     return g_x, g_k, g_v0
 
 
+# ------------------------------------------------------------------------------- CPU: compiled kernels
+_EXT_DTYPES = (torch.float32, torch.float64)
+_SURROGATE_CODES = {ATan: 0, Sigmoid: 1, Triangle: 2}  # the surrogates spikeprune_cpu.cpp knows (exact types)
+
+
+def _cpu_ext(x: torch.Tensor):
+    """The compiled CPU kernels when they can take ``x`` (CPU, float32/64), else ``None``."""
+    if x.is_cuda or x.dtype not in _EXT_DTYPES or x.device.type != "cpu":
+        return None
+    return cpu_kernels()
+
+
+def _t_major(x: torch.Tensor, broadcast: bool = False) -> torch.Tensor:
+    """``x`` itself when T is its outermost dim and each step is dense (contiguous or channels-last), else a copy
+    that is: the layout the compiled kernels walk through. With ``broadcast``, one step expanded over T (stride 0,
+    a repeated static input) is taken as it is."""
+    if x.is_contiguous():
+        return x
+    step = x[0]
+    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
+    ok = x.shape[0] <= 1 or x.stride(0) == step.numel() or (broadcast and x.stride(0) == 0)
+    return x if dense and ok else x.contiguous()
+
+
+def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """``t`` in ``ref``'s memory layout (gradients may arrive in another one)."""
+    if t is None or t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = True):
+    """:func:`_forward_loop` through the compiled CPU kernel when it applies (constant decay), else eagerly."""
+    ext = _cpu_ext(x) if not torch.is_tensor(k) else None
+    if ext is None:
+        return _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
+    a, b = _coeffs(kind, k, decay_input)
+    c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
+    x = _t_major(x, broadcast=True)
+    v0 = None if v0 is None else _like(v0, x[0])
+    s, h, v = ext.lif_forward(x, v0, float(a), float(b), float(c), kind != "if" and decay_input, float(k), v_th,
+                              0.0 if v_reset is None else v_reset, v_reset is not None, keep_membrane)
+    return s, (h if keep_membrane else None), v
+
+
+def _backward_cpp(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate, need_v0_grad):
+    """:func:`_backward_steps` through the compiled CPU kernel; ``None`` when it does not apply."""
+    code = _SURROGATE_CODES.get(type(surrogate))
+    ext = _cpu_ext(h_seq) if code is not None else None
+    if ext is None or h_seq.stride() != _t_major(h_seq).stride():
+        return None
+    a, b = _coeffs(kind, k, decay_input)
+    g_x = ext.lif_backward(h_seq, _like(g_s, h_seq), _like(g_h_out, h_seq), _like(g_v_last, h_seq[0]), float(a),
+                           float(b), v_th, v_reset is not None, code, surrogate.alpha)
+    return g_x, (g_x[0] * (a / b) if need_v0_grad else None)
+
+
 class _MultiStep(torch.autograd.Function):
     """Forward over all T steps without a graph; backward is the BPTT recursion."""
 
     @staticmethod
     def forward(ctx, x, k, v0, kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad):
         ctx.set_materialize_grads(False)
-        fwd, _ = _loops(x)
-        s_seq, h_seq, v = fwd(x, k, v0, kind, v_th, v_reset, decay_input)
+        s_seq, h_seq, v = _forward(x, k, v0, kind, v_th, v_reset, decay_input)
         # a constant decay stays a Python float: a float32 copy would make float64 gradients inexact
         ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else None, v0)
         ctx.k_const = None if torch.is_tensor(k) else float(k)
@@ -287,8 +347,9 @@ class _MultiStep(torch.autograd.Function):
             k = ctx.k_const
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
         if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
-            g_x, g_v0 = _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input,
-                                        surrogate, ctx.needs_input_grad[2])
+            args = (h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate,
+                    ctx.needs_input_grad[2])
+            g_x, g_v0 = _backward_cpp(*args) or _backward_steps(*args)
             return g_x, None, g_v0, None, None, None, None, None, None, None
         _, bwd = _loops(h_seq)
         g_x, g_k, g_v0 = bwd(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset,
@@ -428,10 +489,10 @@ class BaseNeuron(nn.Module):
         if torch.is_tensor(k):
             k = k.to(x.dtype)
         if not self.observers and not (torch.is_grad_enabled() and (x.requires_grad or need_k_grad)):
-            # nothing will differentiate or look at the membrane: no [T, B, ...] membrane buffer, no graph
-            with torch.no_grad():
-                spikes, _, v_last = _loops(x)[0](x, k.detach() if torch.is_tensor(k) else k, v0, self.kind,
-                                                 self.v_threshold, self.v_reset, self.decay_input, False)
+            # nothing will differentiate or look at the membrane: no [T, B, ...] membrane buffer, no graph (nothing
+            # here requires grad, so no no_grad context is needed, which saves microseconds at batch 1)
+            spikes, _, v_last = _forward(x, k.detach() if torch.is_tensor(k) else k, v0, self.kind,
+                                         self.v_threshold, self.v_reset, self.decay_input, False)
             if self.stateful:
                 self.v = v_last
             return spikes
