@@ -44,7 +44,13 @@ from throughput import header  # noqa: E402  (same header: command, machine, dat
 from spikeprune.compact import compact, timed_inference  # noqa: E402
 from spikeprune.config import RunConfig, from_dict  # noqa: E402
 from spikeprune.data import create_dataset, dataset_info  # noqa: E402
-from spikeprune.inference import LINEAR_MODES, event_layers, event_report, to_event_driven  # noqa: E402
+from spikeprune.inference import (  # noqa: E402
+    LINEAR_MODES,
+    check_network,
+    event_layers,
+    event_report,
+    to_event_driven,
+)
 from spikeprune.measure import measure  # noqa: E402
 from spikeprune.models import create_model  # noqa: E402
 from spikeprune.neurons import BaseNeuron  # noqa: E402
@@ -186,7 +192,8 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
     for mode in [m for m in LINEAR_MODES if m != "dense"] + ["auto"]:
         variants[mode] = to_event_driven(model, mode=mode, example_input=x[:2], repeats=args.calib_repeats)
     names = list(event_layers(variants["auto"]))
-    rows, notes = [], [f"- Source: {source}; event-driven layers: {', '.join(names)} (the first layer stays dense)"]
+    rows, notes = [], [f"- Source: {source}; event-driven layers: {', '.join(names)} (an analog-input layer may only "
+                       "use its sparse weights: csr or dense)"]
     for b in args.unstruct_batches:
         bs = batches_of(x, b, args.timing_batches)
         rates: dict[str, list[float]] = {n: [] for n in names}
@@ -198,12 +205,16 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
                     model_(xb)
         for h in hooks:
             h.remove()
+        guard = check_network(variants["auto"], bs, rounds=args.rounds)  # auto holds for the whole network
+        notes.append(f"- Batch {b}: auto's network check: auto {1e3 * guard['auto_s']:.3f} ms vs all-dense "
+                     f"{1e3 * guard['dense_s']:.3f} ms per pass, kept {guard['kept']}")
         t = interleaved(variants, bs, args.rounds)
         with torch.no_grad():
             ref = dense(bs[0])
             worst = max(float((v(bs[0]) - ref).abs().max()) for v in variants.values())
         auto = variants["auto"]
-        choices = {n: sorted({m.choice[k] for k in m.choice if k[0][0] == b * auto.T})
+        analog = {n for n, m in event_layers(auto).items() if m.paths != m.MODES}
+        choices = {n: sorted({m.choice[k] for k in m.choice if k[0][0] in (b, b * auto.T)})
                    for n, m in event_layers(auto).items()}
         for mode, sec in t.items():
             if mode == "dense":
@@ -211,7 +222,8 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
             rows.append({"part": "unstructured", "model": "fc3", "batch": b, "T": auto.T, "variant": mode,
                          "ms_dense": round(1e3 * t["dense"], 3), "ms": round(1e3 * sec, 3),
                          "speedup": round(t["dense"] / sec, 3), "mac_reduction": "",
-                         "detail": "; ".join(f"{n}: rate {statistics.mean(rates[n]):.3f}"
+                         "detail": "; ".join((f"{n}: analog input" if n in analog else
+                                              f"{n}: rate {statistics.mean(rates[n]):.3f}")
                                              + (f", auto {'/'.join(choices[n])}" if mode == "auto" else "")
                                              for n in names)})
         print(f"unstructured batch {b}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x" for r in rows

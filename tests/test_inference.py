@@ -21,6 +21,7 @@ from spikeprune.inference import (
     LINEAR_MODES,
     EventConv2d,
     EventLinear,
+    check_network,
     event_layers,
     event_report,
     to_event_driven,
@@ -287,12 +288,12 @@ def test_throughput_quick(tmp_path):
     load_script("throughput").main(["--quick", "--configs", "fc3:4", "convnet:4", "--out", str(tmp_path)])
     rows = read_csv(tmp_path / "throughput.csv")
     frameworks = {(r["model"], r["framework"]) for r in rows}
-    base = {"spikeprune", "spikeprune-identity", "spikingjelly", "snntorch"}
+    base = {"spikeprune", "spikeprune-eager", "spikeprune-identity", "spikingjelly", "snntorch"}
     assert frameworks == {("fc3", f) for f in base} | {("convnet", f) for f in base | {
         "spikingjelly-nhwc", "snntorch-nhwc"}}  # channels-last variants only where there are 4-D activations
     assert all(float(r["samples_per_s"]) > 0 for r in rows)
     md = (tmp_path / "throughput.md").read_text()
-    assert "Static first layer" in md and "## Parity" in md
+    assert "Static first layer" in md and "## Parity" in md and "compiled / eager kernels" in md
     # identical architectures: spikeprune's weights in the other frameworks give spikeprune's outputs
     parity = [line for line in md.splitlines() if line.startswith("| fc3 |") or line.startswith("| convnet |")]
     assert any("| 0 |" in line for line in parity)
@@ -324,3 +325,31 @@ def test_explicit_calibration_on_layer_inputs():
     assert yc.shape == (2, 2, 4, 6, 6)
     assert torch.allclose(yc, F.conv2d(xc.flatten(0, 1), conv.weight, conv.bias, padding=1).unflatten(0, (2, 2)),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("slow", ["event", "dense"])
+def test_check_network_keeps_the_faster_of_auto_and_dense(slow):
+    # a path made slow on purpose: the network check must end with the fast one for the keys it saw
+    import time as _time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(EventLinear(20, 10, bias=False, mode="auto"))
+    layer = model[0]
+    x0 = (torch.rand(3, 20) < 0.3).float()
+    x = [x0, x0.flip(0)]  # one key (shape, rate bucket): the choice is set before the check
+    with torch.no_grad():
+        model(x[0])
+    keys = list(layer.choice)
+    for k in keys:
+        layer.choice[k] = "event"
+    real = getattr(layer, f"_{slow}")
+
+    def slowed(*a):
+        _time.sleep(0.003)
+        return real(*a)
+
+    setattr(layer, f"_{slow}", slowed)
+    out = check_network(model, x, rounds=3)
+    assert out["kept"] == ("dense" if slow == "event" else "auto")
+    assert all(layer.choice[k] == ("dense" if slow == "event" else "event") for k in layer.choice)
+    assert layer.mode == "auto"

@@ -301,3 +301,24 @@ def test_statistics_loaded_from_cpu_keep_working_on_gpu():
         net(x).sum().backward()
         assert mon.values()["1"].is_cuda and eng.pop_unit_grad()["1"].is_cuda
         mon.close()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "flat"])
+@pytest.mark.parametrize("op", ["sum", "abs", "dot"])
+def test_unit_sums_equal_the_plain_reductions(layout, op):
+    # the per-unit reductions of the activity monitors and the gate-gradient hook, compiled or eager
+    from spikeprune.perf import unit_sums
+
+    torch.manual_seed(0)
+    shape = (3, 4, 5) if layout == "flat" else (3, 4, 5, 6, 7)
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x, y = (t.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 4)) for t in (x, y))
+    dims = [d for d in range(len(shape)) if d != 2]
+    want = {"sum": x.sum(dims), "abs": x.abs().sum(dims), "dot": (x * y).sum(dims)}[op]
+    got = unit_sums(x, op, y if op == "dot" else None)
+    assert got.shape == (5,) and torch.allclose(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="op must be"):
+        unit_sums(x, "max")
+    with pytest.raises(ValueError, match="needed by op 'dot'"):
+        unit_sums(x, "dot")

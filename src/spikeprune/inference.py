@@ -53,8 +53,8 @@ from torch import nn
 from . import layers
 from .graph import probe
 
-__all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "event_report", "LINEAR_MODES",
-           "CONV_MODES"]
+__all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "event_report", "check_network",
+           "LINEAR_MODES", "CONV_MODES"]
 
 LINEAR_MODES = ("dense", "csr", "gather", "event")
 CONV_MODES = ("dense", "event")
@@ -108,6 +108,7 @@ class _EventMixin:
         self.calibration: dict[tuple, dict[str, float]] = {}
         self.choice: dict[tuple, str] = {}
         self.last_mode: str | None = None
+        self.last_key: tuple | None = None  # the (shape, rate bucket) key of the last auto call
         self._struct: dict | None = None
         self._struct_key: tuple | None = None
 
@@ -155,7 +156,7 @@ class _EventMixin:
         if self.mode != "auto":
             self.last_mode = self.mode
             return self._run(x, self.mode)
-        key = self._key(x)
+        key = self.last_key = self._key(x)
         mode = self.choice.get(key)
         if mode is None:
             return self._calibrate(x)
@@ -456,6 +457,45 @@ def to_event_driven(model: nn.Module, mode: str = "auto", example_input: torch.T
         setattr(modules[parent_name] if parent_name else new, attr, swap)
     new.eval()
     return new
+
+
+@torch.no_grad()
+def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int = 5) -> dict:
+    """Hold ``auto`` to "never slower than dense" for the whole network on ``inputs`` (batches of one shape).
+
+    Each layer's choice is timed on its own; the network can still be slower than all-dense (a path timed
+    back-to-back on one layer runs with warmer caches than it does in the network, and Python dispatch adds up).
+    This times ``model`` over ``inputs`` with the layers' auto choices against all event layers forced dense, in
+    ``rounds`` interleaved rounds, and when dense wins (median), sets every key these inputs reached to ``dense``.
+    Returns ``{"auto_s": ..., "dense_s": ..., "kept": "auto" | "dense"}`` (seconds per pass over ``inputs``)."""
+    inputs = list(inputs)
+    layers = event_layers(model)
+    seen: dict[str, set] = {n: set() for n in layers}
+    for x in inputs:  # the layers calibrate the keys they have not seen
+        model(x)
+        for n, m in layers.items():
+            if m.mode == "auto" and m.last_key is not None:
+                seen[n].add(m.last_key)
+    times: dict[str, list[float]] = {"auto": [], "dense": []}
+    modes = {n: m.mode for n, m in layers.items()}
+    for r in range(rounds):
+        for variant in (("auto", "dense") if r % 2 == 0 else ("dense", "auto")):
+            for n, m in layers.items():
+                m.mode = "dense" if variant == "dense" else modes[n]
+            t0 = time.perf_counter()
+            for x in inputs:
+                model(x)
+            _sync(inputs[0].device)
+            times[variant].append(time.perf_counter() - t0)
+    for n, m in layers.items():
+        m.mode = modes[n]
+    auto_s, dense_s = (sorted(v)[len(v) // 2] for v in (times["auto"], times["dense"]))
+    kept = "auto" if auto_s <= dense_s else "dense"
+    if kept == "dense":
+        for n, m in layers.items():
+            for k in seen[n]:
+                m.choice[k] = "dense"
+    return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept}
 
 
 def event_layers(model: nn.Module) -> dict[str, EventLinear | EventConv2d]:

@@ -14,8 +14,8 @@ backward computes the surrogate, ``dV/dH`` and the input gradients for all steps
 multiply-add per step. On CUDA the same two loops run through ``torch.compile`` (fused kernels) when triton is
 available (:func:`use_compile`). On CPU, for a constant decay (LIF, IF) and the built-in surrogates, each loop is
 one call into the compiled kernel of :mod:`spikeprune._ext` (all T steps per block of neurons while their membrane
-stays in cache), with the eager loops as the fallback when it cannot be built. :func:`reference_multistep` is the plain step-by-step loop, kept as the ground
-truth for tests.
+stays in cache), with the eager loops as the fallback when it cannot be built. :func:`reference_multistep` is the
+plain step-by-step loop, kept as the ground truth for tests.
 
 Observers (``neuron.observers``) receive ``(module, spikes, membrane)`` right after each forward, before any
 neuron mask is applied; nothing is stored when no observer is attached.

@@ -7,7 +7,11 @@ import ctypes.util
 import functools
 import sys
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+from ._ext import cpu_kernels
+
+__all__ = ["keep_freed_memory", "unit_sums"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
@@ -29,3 +33,32 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
             libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     except (OSError, AttributeError):
         return False
+
+
+_UNIT_OPS = {"sum": 0, "abs": 1, "dot": 2}
+
+
+def unit_sums(x: torch.Tensor, op: str = "sum", y: torch.Tensor | None = None, unit_dim: int = 2) -> torch.Tensor:
+    """Per-unit sums over every dim but ``unit_dim``: ``sum x`` (``op="sum"``), ``sum |x|`` (``"abs"``) or
+    ``sum x * y`` (``"dot"``). The activity monitors and the gate-gradient hook run this on every training step;
+    PyTorch's reductions that keep a short innermost dim (16 channels, channels-last) run at about 1 GB/s on CPU,
+    so ``[T, B, C, ...]`` CPU tensors go through one pass of the compiled kernel instead (eager elsewhere)."""
+    if op not in _UNIT_OPS:
+        raise ValueError(f"op must be one of {sorted(_UNIT_OPS)}, got {op!r}")
+    if (op == "dot") != (y is not None):
+        raise ValueError("y is needed by op 'dot' and only by it")
+    ext = None
+    if unit_dim == 2 and x.dim() >= 3 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        ext = cpu_kernels()
+    if ext is not None and _unit_layout_ok(x) and (y is None or (y.dtype == x.dtype and y.stride() == x.stride())):
+        return ext.unit_reduce(x, y, _UNIT_OPS[op])
+    dims = [d for d in range(x.dim()) if d != unit_dim]
+    if op == "sum":
+        return x.sum(dims)
+    return x.abs().sum(dims) if op == "abs" else (x * y).sum(dims)
+
+
+def _unit_layout_ok(x: torch.Tensor) -> bool:
+    step = x[0]
+    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
+    return dense and (x.shape[0] <= 1 or x.stride(0) == step.numel())

@@ -19,6 +19,7 @@ from types import ModuleType
 __all__ = ["cpu_kernels", "use_cpp"]
 
 _SOURCE = Path(__file__).with_name("spikeprune_cpu.cpp")
+_CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
 _STATE: dict = {"enabled": os.environ.get("SPIKEPRUNE_CPP", "1") != "0", "module": None, "tried": False}
 
 
@@ -42,13 +43,15 @@ def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     # a new build per source and per CPU feature set (it is compiled for the CPU it runs on, -march=native)
-    name = "spikeprune_cpu_" + hashlib.sha1(_SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:12]
+    # (-fno-trapping-math lets GCC turn the surrogate's select into vector blends: 9x faster backward, measured)
+    key = _SOURCE.read_bytes() + _cpu_flags() + repr(_CFLAGS).encode()
+    name = "spikeprune_cpu_" + hashlib.sha1(key).hexdigest()[:12]
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob(f"{name}*.so")):
             print("spikeprune: building the compiled CPU kernels (once; about a minute) ...", file=sys.stderr,
                   flush=True)
-        return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(_CFLAGS),
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache: the eager path does the same work
         warnings.warn(f"spikeprune: compiled CPU kernels unavailable ({type(e).__name__}: {str(e)[:300]}); "

@@ -319,7 +319,83 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& rowptr, const at::T
   return y;
 }
 
+namespace {
+
+enum UnitOp { SUM = 0, ABS_SUM = 1, DOT = 2 };
+
+template <typename T, int OP>
+inline T unit_term(const T* A, const T* B, int64_t k) {
+  if constexpr (OP == SUM) return A[k];
+  else if constexpr (OP == ABS_SUM) return std::abs(A[k]);
+  else return A[k] * B[k];
+}
+
+// Sums per unit (dim 2 of [T, B, C, ...]) in one pass: the unit of the k-th element in memory is (k / sc) % C,
+// sc the unit stride of a step (1 for channels-last or [T, B, C], H*W for contiguous [T, B, C, H, W]). Each thread
+// adds into its own row of partial sums (float within a block, double across blocks).
+template <typename T, int OP>
+void unit_reduce_kernel(const T* A, const T* B, int64_t total, int64_t C, int64_t sc, double* out) {
+  const int nt = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(nt) * C, 0.0);
+  const int64_t period = C * sc, periods = total / period;
+  at::parallel_for(0, periods, std::max<int64_t>(1, 16384 / period), [&](int64_t begin, int64_t end) {
+    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * C;
+    std::vector<T> blk(C);
+    for (int64_t p0 = begin; p0 < end; p0 += 256) {
+      const int64_t p1 = std::min(end, p0 + 256);
+      std::fill(blk.begin(), blk.end(), T(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t base = p * period;
+        if (sc == 1) {
+          T* __restrict bk = blk.data();
+          for (int64_t c = 0; c < C; ++c) bk[c] += unit_term<T, OP>(A, B, base + c);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            T sum = T(0);
+            const int64_t k0 = base + c * sc;
+            for (int64_t k = k0; k < k0 + sc; ++k) sum += unit_term<T, OP>(A, B, k);
+            blk[c] += sum;
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) acc[c] += blk[c];
+    }
+  });
+  for (int t = 0; t < nt; ++t)
+    for (int64_t c = 0; c < C; ++c) out[c] += partial[static_cast<size_t>(t) * C + c];
+}
+
+}  // namespace
+
+// Per-unit sums over [T, B, C, ...] (units on dim 2; T-major, each step contiguous or channels-last): op 0 sum(a),
+// 1 sum(|a|), 2 sum(a * b). Returns [C] in a's dtype (accumulated in double).
+at::Tensor unit_reduce(const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t op) {
+  check_t_major(a, "a");
+  TORCH_CHECK(a.dim() >= 3, "a must be [T, B, C, ...]");
+  TORCH_CHECK(op >= 0 && op <= 2, "unknown op ", op);
+  const bool has_b = b.has_value() && b->defined();
+  TORCH_CHECK(has_b == (op == DOT), "b is needed by op 2 (dot) only");
+  if (has_b) check_like(*b, a, "b");
+  const at::Tensor step = a[0];
+  const int64_t C = step.size(1), sc = step.stride(1);
+  TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "each step must be contiguous or channels-last");
+  at::Tensor out = at::zeros({C}, a.options().dtype(at::kDouble));
+  if (a.numel() == 0) return out.to(a.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "unit_reduce", [&] {
+    using T_ = scalar_t;
+    const T_* A = a.data_ptr<T_>();
+    const T_* B = has_b ? b->data_ptr<T_>() : nullptr;
+    double* O = out.data_ptr<double>();
+    if (op == SUM) unit_reduce_kernel<T_, SUM>(A, B, a.numel(), C, sc, O);
+    else if (op == ABS_SUM) unit_reduce_kernel<T_, ABS_SUM>(A, B, a.numel(), C, sc, O);
+    else unit_reduce_kernel<T_, DOT>(A, B, a.numel(), C, sc, O);
+  });
+  return out.to(a.scalar_type());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("unit_reduce", &unit_reduce, "per-unit sum, |.| sum or dot over [T, B, C, ...] (CPU)");
   m.def("lif_forward", &lif_forward, "multi-step LIF/IF forward (CPU)");
   m.def("lif_backward", &lif_backward, "multi-step LIF/IF BPTT backward, detached reset (CPU)");
   m.def("event_linear", &event_linear, "event-driven linear layer over the non-zero inputs (CPU)");

@@ -27,6 +27,7 @@ from .. import dist
 from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
 from ..neurons import is_neuron
+from ..perf import unit_sums
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
 
@@ -61,6 +62,7 @@ class MaskEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.dense_grad_hooks: list[DenseGradHook] = []
         self.track_unit_grad = False
+        self._multipliers: dict[int, tuple] = {}  # id(layer) -> (mask key, float mask)
         self._grads_masked = False
         self.unit_grad: dict[str, torch.Tensor] = {}
         self._unit_grad_step: dict[str, torch.Tensor] = {}  # DDP: this step's signed local gate grads
@@ -100,11 +102,21 @@ class MaskEngine:
         for n, m in masks.items():
             self.set_mask(n, m)
 
+    def _multiplier(self, m: nn.Module) -> torch.Tensor:
+        """``weight_mask`` in the weight's dtype, cached until the mask changes: multiplying by a bool tensor
+        converts it on every call, 6x slower than by a float one (measured, 800x800 on CPU), twice per step."""
+        mask = m.weight_mask
+        key = (mask.data_ptr(), mask._version, m.weight.dtype, m.weight.device)
+        hit = self._multipliers.get(id(m))
+        if hit is None or hit[0] != key:
+            hit = self._multipliers[id(m)] = (key, mask.to(m.weight.dtype))
+        return hit[1]
+
     @torch.no_grad()
     def apply(self) -> None:
         """Zero every masked weight (idempotent)."""
         for m in self.layers.values():
-            m.weight.mul_(m.weight_mask)
+            m.weight.mul_(self._multiplier(m))
 
     @torch.no_grad()
     def _clear_state(self, p: torch.Tensor, where: torch.Tensor) -> None:
@@ -156,7 +168,7 @@ class MaskEngine:
     def _mask_grads(self) -> None:
         for m in self.layers.values():
             if m.weight.grad is not None:
-                m.weight.grad.mul_(m.weight_mask)
+                m.weight.grad.mul_(self._multiplier(m))
 
     # ------------------------------------------------------------------------------------ unit masks
     @property
@@ -206,15 +218,15 @@ class MaskEngine:
             y = out * m
             if self.track_unit_grad and torch.is_grad_enabled() and y.requires_grad:
                 s = out.detach()
-                dims = [d for d in range(y.dim()) if d != y.dim() - feat_dims]
+                unit_dim = y.dim() - feat_dims
 
                 def grad_hook(gy):
+                    g = unit_sums(gy.detach(), "dot", s, unit_dim)  # dL/dgate, one pass without a product copy
                     if dist.is_dist():  # local gradient: averaged over ranks before |.| (_reduce_unit_grad)
-                        g = (gy * s).sum(dims).detach()
                         prev = self._unit_grad_step.get(name)
                         self._unit_grad_step[name] = g if prev is None else prev + g
                         return
-                    acc = (gy * s).sum(dims).abs().detach()
+                    acc = g.abs()
                     prev = self.unit_grad.get(name)  # may come from a CPU checkpoint (resume)
                     self.unit_grad[name] = acc if prev is None else prev.to(acc.device) + acc
 

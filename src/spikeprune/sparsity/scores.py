@@ -17,6 +17,7 @@ from torch import nn
 from .. import dist
 from ..adapters import neuron_membrane, neuron_spikes, unit_axis
 from ..neurons import BaseNeuron
+from ..perf import unit_sums
 from ..registry import Registry
 
 SCORES = Registry("score")
@@ -60,7 +61,7 @@ class GradientMomentum:
         if b is None:
             self.buf[name] = grad.detach().clone().mul_(1 - self.beta)
         else:
-            b.mul_(self.beta).add_(grad, alpha=1 - self.beta)
+            b.lerp_(grad, 1 - self.beta)  # β b + (1 - β) g in one pass
 
     def state_dict(self) -> dict:
         return {k: v.cpu() for k, v in self.buf.items()}
@@ -115,15 +116,14 @@ class ActivityMonitor:
     def _update(self, name: str, spikes: torch.Tensor, membrane: torch.Tensor | None,
                 unit_dim: int | None = None) -> None:
         unit_dim = unit_dim if unit_dim is not None else (2 if spikes.dim() > 2 else 1)
-        dims = [d for d in range(spikes.dim()) if d != unit_dim]
-        if self.what == "spikes":
-            val = spikes.float().mean(dims)
-        elif membrane is None:
+        count = spikes.numel() // max(1, spikes.shape[unit_dim])
+        if self.what != "spikes" and membrane is None:
             raise ValueError(f"activity {self.what!r} needs membrane potentials, which {name} does not expose")
-        elif self.what == "membrane":
-            val = membrane.float().abs().mean(dims)
-        else:
-            val = spikes.float().mean(dims) + membrane.float().abs().mean(dims)
+        val = 0
+        if self.what != "membrane":
+            val = unit_sums(spikes.float(), "sum", unit_dim=unit_dim) / count
+        if self.what != "spikes":
+            val = val + unit_sums(membrane.float(), "abs", unit_dim=unit_dim) / count
         prev = self.sum.get(name)
         if prev is not None and prev.device != val.device:  # loaded from a CPU checkpoint onto a GPU run
             self.sum[name] = prev.to(val.device)
