@@ -11,8 +11,11 @@ scaled so its neurons fire at ``--target-rate`` on the inputs, since random weig
 ``--fc3-run``) runs at batch 1 and 32, T=4: dense (masks folded, ``F.linear``) against
 :func:`spikeprune.inference.to_event_driven` in each mode (``csr``: sparse weights; ``gather``: columns of the
 spiking inputs; ``event``: only non-zero weights of spiking inputs; ``auto``: the fastest per layer by a one-time
-calibration). It reports whole-network times, the auto choice per layer, the layers' input firing rates, and
-auto's per-layer calibration timings. The first layer has analog input and stays dense.
+calibration, then held to "not slower than dense" for the whole network by
+:func:`~spikeprune.inference.check_network`; ``chain``: auto's paths for that batch size run as one compiled call,
+:func:`~spikeprune.inference.compile_chain`). It reports whole-network times, the auto choice per layer, the
+layers' input firing rates, and auto's per-layer calibration timings. The first layer has analog input: it may
+use its sparse weights (csr) but not input events.
 
 Inputs are Fashion-MNIST test images with ``--data fashion_mnist --data-root DIR``, else the synthetic dataset of
 the same shape (class patterns plus noise). Variants are timed in interleaved rounds; medians are reported.
@@ -47,6 +50,7 @@ from spikeprune.data import create_dataset, dataset_info  # noqa: E402
 from spikeprune.inference import (  # noqa: E402
     LINEAR_MODES,
     check_network,
+    compile_chain,
     event_layers,
     event_report,
     to_event_driven,
@@ -208,10 +212,14 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
         guard = check_network(variants["auto"], bs, rounds=args.rounds)  # auto holds for the whole network
         notes.append(f"- Batch {b}: auto's network check: auto {1e3 * guard['auto_s']:.3f} ms vs all-dense "
                      f"{1e3 * guard['dense_s']:.3f} ms per pass, kept {guard['kept']}")
-        t = interleaved(variants, bs, args.rounds)
+        # auto's paths for this batch size, frozen into one compiled call for the whole body
+        chain = compile_chain(to_event_driven(model, mode="auto", example_input=x[:2], repeats=args.calib_repeats),
+                              bs)
+        notes.append(f"- Batch {b}: chain paths " + ", ".join(f"{n} {p}" for n, p in chain.body.paths.items()))
+        t = interleaved({**variants, "chain": chain}, bs, args.rounds)
         with torch.no_grad():
             ref = dense(bs[0])
-            worst = max(float((v(bs[0]) - ref).abs().max()) for v in variants.values())
+            worst = max(float((v(bs[0]) - ref).abs().max()) for v in (*variants.values(), chain))
         auto = variants["auto"]
         analog = {n for n, m in event_layers(auto).items() if m.paths != m.MODES}
         choices = {n: sorted({m.choice[k] for k in m.choice if k[0][0] in (b, b * auto.T)})
@@ -225,6 +233,8 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
                          "detail": "; ".join((f"{n}: analog input" if n in analog else
                                               f"{n}: rate {statistics.mean(rates[n]):.3f}")
                                              + (f", auto {'/'.join(choices[n])}" if mode == "auto" else "")
+                                             + (f", {chain.body.paths.get(n.split('.')[-1], 'dense')}"
+                                                if mode == "chain" else "")
                                              for n in names)})
         print(f"unstructured batch {b}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x" for r in rows
                                                         if r["batch"] == b), flush=True)

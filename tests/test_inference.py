@@ -19,9 +19,11 @@ from spikeprune._ext import cpu_kernels, use_cpp
 from spikeprune.inference import (
     CONV_MODES,
     LINEAR_MODES,
+    EventChain,
     EventConv2d,
     EventLinear,
     check_network,
+    compile_chain,
     event_layers,
     event_report,
     to_event_driven,
@@ -353,3 +355,25 @@ def test_check_network_keeps_the_faster_of_auto_and_dense(slow):
     assert out["kept"] == ("dense" if slow == "event" else "auto")
     assert all(layer.choice[k] == ("dense" if slow == "event" else "event") for k in layer.choice)
     assert layer.mode == "auto"
+
+
+def test_compile_chain_gives_the_dense_outputs_and_falls_back_for_training():
+    model = masked_fc3().eval()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    fast = compile_chain(to_event_driven(model, mode="auto", example_input=x[:2]), [x[:3], x[3:]])
+    assert isinstance(fast.body, EventChain) and set(fast.body.paths) == {"1", "4", "6"}
+    with torch.no_grad():
+        assert torch.allclose(fast(x), want, rtol=0, atol=1e-10)
+    for path in ("csr", "event", "dense"):  # every path of the chain, forced
+        fast.body.paths = {"4": path, "6": path}
+        fast.body._ops = None
+        with torch.no_grad():
+            assert torch.allclose(fast(x), want, rtol=0, atol=1e-10), path
+    out = fast(x)  # grad enabled and parameters requiring grad: the layers run as usual
+    assert out.grad_fn is not None and torch.allclose(out.detach(), want, atol=1e-10)
+    with pytest.raises(ValueError, match="cannot run in the compiled chain"):
+        EventChain(nn.Sequential(nn.ReLU()), {})
+    with pytest.raises(ValueError, match="must be an nn.Sequential"):
+        compile_chain(nn.Linear(2, 2), [torch.rand(1, 2)], attr="weight")

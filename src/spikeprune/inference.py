@@ -51,10 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
+from ._ext import cpu_kernels
 from .graph import probe
+from .neurons import BaseNeuron, _coeffs
 
-__all__ = ["EventLinear", "EventConv2d", "to_event_driven", "event_layers", "event_report", "check_network",
-           "LINEAR_MODES", "CONV_MODES"]
+__all__ = ["EventLinear", "EventConv2d", "EventChain", "to_event_driven", "event_layers", "event_report",
+           "check_network", "compile_chain", "LINEAR_MODES", "CONV_MODES"]
 
 LINEAR_MODES = ("dense", "csr", "gather", "event")
 CONV_MODES = ("dense", "event")
@@ -259,8 +261,6 @@ class EventLinear(_EventMixin, layers.Linear):
         """The compiled CPU kernels when they can take ``x2`` (see :mod:`spikeprune._ext`), else ``None``."""
         if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.float64) or x2.dtype != self.weight.dtype:
             return None
-        from ._ext import cpu_kernels
-
         return cpu_kernels()
 
     def _csr(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
@@ -496,6 +496,94 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
             for k in seen[n]:
                 m.choice[k] = "dense"
     return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept}
+
+
+# -------------------------------------------------------------------------------------- compiled chain
+class EventChain(nn.Module):
+    """A ``Sequential`` of Flatten / Repeat / Linear / LIF-IF layers run as **one** call into the compiled CPU
+    kernels, each Linear on a fixed path (``dense``, ``csr`` or ``event``).
+
+    At batch 1 the event-driven work of a sparse fc layer is tens of microseconds, about what Python spends
+    launching a layer; this removes the launches. It runs only for inference on CPU float tensors (no grad, no
+    neuron observers); otherwise, or without the compiled kernels, the wrapped layers run as usual. Build it with
+    :func:`compile_chain`."""
+
+    def __init__(self, body: nn.Sequential, paths: dict[str, str]):
+        super().__init__()
+        self.body = body
+        self.paths = dict(paths)
+        for name, m in body.named_children():
+            _chain_op(name, m, self.paths.get(name, "dense"))  # raises on what the chain cannot run
+        self._ops: tuple | None = None
+        self._ops_key: tuple | None = None
+
+    def _layer_keys(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.body.parameters())
+
+    def _build_ops(self) -> tuple:
+        key = self._layer_keys()
+        if self._ops is None or self._ops_key != key:
+            ops = [_chain_op(n, m, self.paths.get(n, "dense")) for n, m in self.body.named_children()]
+            self._ops = tuple(list(col) for col in zip(*ops)) if ops else ([], [], [])
+            self._ops_key = key
+        return self._ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.body.parameters()))
+        observed = any(getattr(m, "observers", None) for m in self.body)
+        ext = None if (grad or observed or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)) \
+            else cpu_kernels()
+        if ext is None:
+            return self.body(x)
+        return ext.chain_forward(x, *self._build_ops())
+
+
+def _chain_op(name: str, m: nn.Module, path: str) -> tuple[int, list[torch.Tensor], list[float]]:
+    """``(kind, tensors, scalars)`` of one layer for the compiled chain (see ``chain_forward`` in
+    ``_ext/spikeprune_cpu.cpp``); ``ValueError`` for a layer it cannot run."""
+    if isinstance(m, layers.Flatten):
+        return 0, [], [float(m.dims)]
+    if isinstance(m, layers.Repeat):
+        return 1, [], [float(m.T)]
+    if isinstance(m, nn.Linear):
+        bias = [] if m.bias is None else [m.bias.detach()]
+        if path == "dense":
+            return 2, [m.weight.detach(), *bias], []
+        if not isinstance(m, EventLinear) or path not in ("csr", "event"):
+            raise ValueError(f"layer {name}: path {path!r} needs an EventLinear and 'csr' or 'event'")
+        st = m._structures()
+        return (3 if path == "csr" else 4), [*st["csr_arrays" if path == "csr" else "csc_arrays"], *bias], [float(m.out_features)]
+    if isinstance(m, BaseNeuron):
+        k = m.decay()
+        if torch.is_tensor(k) or m.stateful or m.v_reset not in (None, 0.0):
+            raise ValueError(f"layer {name}: the chain runs neurons with a constant decay, no state and V_reset 0 "
+                             "or a soft reset")
+        a, b = _coeffs(m.kind, k, m.decay_input)
+        return 5, [], [float(a), float(b), 0.0, float(m.kind != "if" and m.decay_input), float(k), m.v_threshold,
+                       0.0, float(m.v_reset is not None)]
+    raise ValueError(f"layer {name}: {type(m).__name__} cannot run in the compiled chain")
+
+
+@torch.no_grad()
+def compile_chain(model: nn.Module, inputs: Iterable[torch.Tensor], attr: str = "body") -> nn.Module:
+    """Replace ``model.<attr>`` (a ``Sequential``, e.g. of :func:`to_event_driven`'s copy) by an
+    :class:`EventChain`, each EventLinear fixed to the path ``auto`` takes on ``inputs`` after
+    :func:`check_network` (so the chain never uses a path slower than dense there). Build one per deployment batch
+    size: the best path depends on it. Returns ``model``."""
+    body = getattr(model, attr)
+    if not isinstance(body, nn.Sequential):
+        raise ValueError(f"model.{attr} must be an nn.Sequential, got {type(body).__name__}")
+    inputs = list(inputs)
+    check_network(model, inputs)
+    seen: dict[str, list[str]] = {}
+    for x in inputs:  # the path each layer takes on these inputs now (the most common one over them)
+        model(x)
+        for n, m in body.named_children():
+            if isinstance(m, EventLinear) and m.last_mode:
+                seen.setdefault(n, []).append(m.last_mode)
+    paths = {n: max(set(v), key=v.count) for n, v in seen.items()}
+    setattr(model, attr, EventChain(body, paths))
+    return model
 
 
 def event_layers(model: nn.Module) -> dict[str, EventLinear | EventConv2d]:

@@ -394,7 +394,53 @@ at::Tensor unit_reduce(const at::Tensor& a, const c10::optional<at::Tensor>& b, 
   return out.to(a.scalar_type());
 }
 
+// A chain of layers run in one call (no Python between them): for batch-1 inference, where launching each layer
+// from Python costs more than the layer's event-driven work. op kinds and their tensors / scalars:
+//   0 flatten the last s[0] dims      1 repeat over T = s[0] (a stride-0 view)
+//   2 dense linear {W[, b]}           3 CSR linear {rowptr, cols, vals[, b]}, s = {out}
+//   4 event linear {colptr, rows, vals[, b]}, s = {out}
+//   5 LIF/IF (at rest at 0 or soft reset), s = {a, b, c, lerp, k, v_th, v_reset, hard}
+at::Tensor chain_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
+                         const std::vector<std::vector<at::Tensor>>& tensors, const std::vector<std::vector<double>>& s) {
+  TORCH_CHECK(kinds.size() == tensors.size() && kinds.size() == s.size(), "one kind, tensor list and scalar list per op");
+  at::Tensor y = x;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    const auto& ts = tensors[i];
+    const auto& sc = s[i];
+    switch (kinds[i]) {
+      case 0: y = y.flatten(y.dim() - static_cast<int64_t>(sc.at(0))); break;
+      case 1: {
+        std::vector<int64_t> sizes{static_cast<int64_t>(sc.at(0))};
+        for (auto d : y.sizes()) sizes.push_back(d);
+        y = y.unsqueeze(0).expand(sizes);
+        break;
+      }
+      case 2: y = at::linear(y, ts.at(0), ts.size() > 1 ? c10::optional<at::Tensor>(ts[1]) : c10::nullopt); break;
+      case 3:
+      case 4: {
+        std::vector<int64_t> lead = y.sizes().vec();
+        lead.pop_back();
+        const at::Tensor y2 = y.reshape({-1, y.size(-1)}).contiguous();
+        const c10::optional<at::Tensor> bias = ts.size() > 3 ? c10::optional<at::Tensor>(ts[3]) : c10::nullopt;
+        const int64_t n_out = static_cast<int64_t>(sc.at(0));
+        at::Tensor out = kinds[i] == 3 ? csr_linear(y2, ts.at(0), ts.at(1), ts.at(2), bias, n_out)
+                                       : event_linear(y2, ts.at(0), ts.at(1), ts.at(2), bias, n_out);
+        lead.push_back(n_out);
+        y = out.view(lead);
+        break;
+      }
+      case 5:
+        y = lif_forward(y, c10::nullopt, sc.at(0), sc.at(1), sc.at(2), sc.at(3) != 0, sc.at(4), sc.at(5), sc.at(6),
+                        sc.at(7) != 0, false)[0];
+        break;
+      default: TORCH_CHECK(false, "unknown op kind ", kinds[i]);
+    }
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("chain_forward", &chain_forward, "a chain of flatten/repeat/linear/LIF layers in one call (CPU)");
   m.def("unit_reduce", &unit_reduce, "per-unit sum, |.| sum or dot over [T, B, C, ...] (CPU)");
   m.def("lif_forward", &lif_forward, "multi-step LIF/IF forward (CPU)");
   m.def("lif_backward", &lif_backward, "multi-step LIF/IF BPTT backward, detached reset (CPU)");
