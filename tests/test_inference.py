@@ -355,6 +355,8 @@ def test_check_network_keeps_the_faster_of_auto_and_dense(slow):
     assert out["kept"] == ("dense" if slow == "event" else "auto")
     assert all(layer.choice[k] == ("dense" if slow == "event" else "event") for k in layer.choice)
     assert layer.mode == "auto"
+    # dense kept: that input shape now goes dense at once, whatever the rate of a later batch
+    assert (x0.shape in layer.dense_shapes) == (slow == "event")
 
 
 def test_compile_chain_gives_the_dense_outputs_and_falls_back_for_training():

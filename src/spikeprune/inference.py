@@ -111,6 +111,7 @@ class _EventMixin:
         self.choice: dict[tuple, str] = {}
         self.last_mode: str | None = None
         self.last_key: tuple | None = None  # the (shape, rate bucket) key of the last auto call
+        self.dense_shapes: set[tuple] = set()  # input shapes check_network gave to dense: no key is computed
         self._struct: dict | None = None
         self._struct_key: tuple | None = None
 
@@ -152,7 +153,7 @@ class _EventMixin:
         return getattr(self, f"_{mode}")(x, self._structures())
 
     def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense" or self._needs_grad(x):
+        if self.mode == "dense" or self._needs_grad(x) or (self.dense_shapes and x.shape in self.dense_shapes):
             self.last_mode = "dense"
             return self._dense(x)
         if self.mode != "auto":
@@ -491,10 +492,11 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
         m.mode = modes[n]
     auto_s, dense_s = (sorted(v)[len(v) // 2] for v in (times["auto"], times["dense"]))
     kept = "auto" if auto_s <= dense_s else "dense"
-    if kept == "dense":
+    if kept == "dense":  # for these input shapes, whatever their rates: the check timed the network, not a rate
         for n, m in layers.items():
             for k in seen[n]:
                 m.choice[k] = "dense"
+                m.dense_shapes.add(torch.Size(k[0]))
     return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept}
 
 
@@ -516,9 +518,11 @@ class EventChain(nn.Module):
             _chain_op(name, m, self.paths.get(name, "dense"))  # raises on what the chain cannot run
         self._ops: tuple | None = None
         self._ops_key: tuple | None = None
+        self._params = list(body.parameters())
+        self._neurons = [m for m in body if isinstance(m, BaseNeuron)]
 
     def _layer_keys(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.body.parameters())
+        return tuple((p.data_ptr(), p._version) for p in self._params)
 
     def _build_ops(self) -> tuple:
         key = self._layer_keys()
@@ -529,8 +533,8 @@ class EventChain(nn.Module):
         return self._ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.body.parameters()))
-        observed = any(getattr(m, "observers", None) for m in self.body)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params))
+        observed = any(m.observers for m in self._neurons)
         ext = None if (grad or observed or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)) \
             else cpu_kernels()
         if ext is None:
