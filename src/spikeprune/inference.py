@@ -556,7 +556,8 @@ def _chain_op(name: str, m: nn.Module, path: str) -> tuple[int, list[torch.Tenso
         if not isinstance(m, EventLinear) or path not in ("csr", "event"):
             raise ValueError(f"layer {name}: path {path!r} needs an EventLinear and 'csr' or 'event'")
         st = m._structures()
-        return (3 if path == "csr" else 4), [*st["csr_arrays" if path == "csr" else "csc_arrays"], *bias], [float(m.out_features)]
+        arrays = st["csr_arrays"] if path == "csr" else st["csc_arrays"]
+        return (3 if path == "csr" else 4), [*arrays, *bias], [float(m.out_features)]
     if isinstance(m, BaseNeuron):
         k = m.decay()
         if torch.is_tensor(k) or m.stateful or m.v_reset not in (None, 0.0):
