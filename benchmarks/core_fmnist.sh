@@ -16,4 +16,6 @@ spikeprune compare $f/convnet_dense.yaml $f/convnet_sca.yaml $f/convnet_pq_layer
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet "$@"
 spikeprune compare $f/convnet_dense_wide.yaml $f/convnet_wide_pq_layer.yaml $f/convnet_wide_pq_neuron.yaml \
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet_wide "$@"
+spikeprune compare $f/convnet_dense_wide_e12.yaml $f/convnet_wide_pq_layer_e12.yaml \
+  --set out_dir=runs/fmnist --out $out/core_fmnist_convnet_wide_e12 "$@"
 spikeprune compact runs/fmnist/convnet_sca > $out/core_fmnist_sca_compact.md
