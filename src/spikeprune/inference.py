@@ -518,6 +518,7 @@ class EventChain(nn.Module):
             _chain_op(name, m, self.paths.get(name, "dense"))  # raises on what the chain cannot run
         self._ops: tuple | None = None
         self._ops_key: tuple | None = None
+        self._id: tuple | None = None  # (extension, id of the ops registered on its side)
         self._params = list(body.parameters())
         self._neurons = [m for m in body if isinstance(m, BaseNeuron)]
 
@@ -530,16 +531,41 @@ class EventChain(nn.Module):
             ops = [_chain_op(n, m, self.paths.get(n, "dense")) for n, m in self.body.named_children()]
             self._ops = tuple(list(col) for col in zip(*ops)) if ops else ([], [], [])
             self._ops_key = key
+            self._release()
         return self._ops
 
+    def _chain_id(self, ext) -> int:
+        """The id of this chain's ops registered on the C++ side (re-registered when a weight changed)."""
+        ops = self._build_ops()
+        if self._id is None:
+            self._id = (ext, ext.chain_register(*ops))
+        return self._id[1]
+
+    def _release(self) -> None:
+        if getattr(self, "_id", None) is not None:
+            ext, cid = self._id
+            ext.chain_release(cid)
+        self._id = None
+
+    def __del__(self) -> None:
+        try:
+            self._release()
+        except Exception:  # interpreter shutdown: the extension may be gone already
+            pass
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild and re-register their ops
+        state = self.__dict__.copy()
+        state["_ops"] = state["_ops_key"] = state["_id"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params))
-        observed = any(m.observers for m in self._neurons)
-        ext = None if (grad or observed or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)) \
-            else cpu_kernels()
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params)):
+            return self.body(x)
+        ext = None if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+                       or any(m.observers for m in self._neurons)) else cpu_kernels()
         if ext is None:
             return self.body(x)
-        return ext.chain_forward(x, *self._build_ops())
+        return ext.chain_run(self._chain_id(ext), x)
 
 
 def _chain_op(name: str, m: nn.Module, path: str) -> tuple[int, list[torch.Tensor], list[float]]:

@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
 
 namespace {
 
@@ -439,8 +441,46 @@ at::Tensor chain_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
   return y;
 }
 
+// Chains kept on the C++ side, so a call passes one id instead of converting every op's tensor lists again.
+namespace {
+struct Chain {
+  std::vector<int64_t> kinds;
+  std::vector<std::vector<at::Tensor>> tensors;
+  std::vector<std::vector<double>> scalars;
+};
+std::mutex chains_mutex;
+std::unordered_map<int64_t, Chain> chains;
+int64_t next_chain = 0;
+}  // namespace
+
+int64_t chain_register(const std::vector<int64_t>& kinds, const std::vector<std::vector<at::Tensor>>& tensors,
+                       const std::vector<std::vector<double>>& scalars) {
+  std::lock_guard<std::mutex> lock(chains_mutex);
+  chains[next_chain] = Chain{kinds, tensors, scalars};
+  return next_chain++;
+}
+
+at::Tensor chain_run(int64_t id, const at::Tensor& x) {
+  const Chain* c;
+  {
+    std::lock_guard<std::mutex> lock(chains_mutex);
+    auto it = chains.find(id);
+    TORCH_CHECK(it != chains.end(), "no compiled chain ", id);
+    c = &it->second;
+  }
+  return chain_forward(x, c->kinds, c->tensors, c->scalars);
+}
+
+void chain_release(int64_t id) {
+  std::lock_guard<std::mutex> lock(chains_mutex);
+  chains.erase(id);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_forward", &chain_forward, "a chain of flatten/repeat/linear/LIF layers in one call (CPU)");
+  m.def("chain_register", &chain_register, "keep a chain on the C++ side; returns its id");
+  m.def("chain_run", &chain_run, "run a registered chain");
+  m.def("chain_release", &chain_release, "forget a registered chain");
   m.def("unit_reduce", &unit_reduce, "per-unit sum, |.| sum or dot over [T, B, C, ...] (CPU)");
   m.def("lif_forward", &lif_forward, "multi-step LIF/IF forward (CPU)");
   m.def("lif_backward", &lif_backward, "multi-step LIF/IF BPTT backward, detached reset (CPU)");
