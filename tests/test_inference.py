@@ -373,6 +373,9 @@ def test_compile_chain_gives_the_dense_outputs_and_falls_back_for_training():
         fast.body._ops = None
         with torch.no_grad():
             assert torch.allclose(fast(x), want, rtol=0, atol=1e-10), path
+    twin = copy.deepcopy(fast)  # a copy registers its own ops on the C++ side
+    with torch.no_grad():
+        assert torch.allclose(twin(x), want, rtol=0, atol=1e-10)
     out = fast(x)  # grad enabled and parameters requiring grad: the layers run as usual
     assert out.grad_fn is not None and torch.allclose(out.detach(), want, atol=1e-10)
     with pytest.raises(ValueError, match="cannot run in the compiled chain"):
