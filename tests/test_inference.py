@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spikeprune._ext import cpu_kernels, use_cpp
 from spikeprune.inference import (
     CONV_MODES,
     LINEAR_MODES,
@@ -185,14 +184,6 @@ def masked_fc3() -> nn.Module:
     return model
 
 
-@pytest.fixture(params=["cpp", "eager"])
-def backend(request):
-    """The event and csr paths run on the compiled CPU kernels, or on eager PyTorch when those are unavailable."""
-    use_cpp(request.param == "cpp")
-    if request.param == "cpp" and cpu_kernels() is None:
-        pytest.skip("compiled CPU kernels unavailable (no C++ compiler / ninja)")
-    yield request.param
-    use_cpp(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from spikeprune._ext import cpu_kernels, use_cpp
+from spikeprune._ext import use_cpp
 from spikeprune.neurons import (
     IF,
     LIF,
@@ -166,14 +166,8 @@ RESETS = [0.0, -0.3, None]
 SURR = ["atan", "sigmoid", "triangle"]
 
 
-@pytest.fixture(autouse=True, params=["cpp", "eager"])
-def backend(request):
-    """Every test runs on the compiled CPU kernels and on the eager loops: both must meet the same reference."""
-    use_cpp(request.param == "cpp")
-    if request.param == "cpp" and cpu_kernels() is None:
-        pytest.skip("compiled CPU kernels unavailable (no C++ compiler / ninja)")
-    yield request.param
-    use_cpp(True)
+# every test here runs on the compiled CPU kernels and on the eager loops (the `backend` fixture, conftest.py)
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def build(kind: str, v_reset, detach_reset: bool, surrogate: str, tau: float = 3.0):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from ._ext import cpu_kernels
+from ._ext import kernels_for
 from .graph import probe
 from .neurons import BaseNeuron, _coeffs
 
@@ -260,9 +260,7 @@ class EventLinear(_EventMixin, layers.Linear):
 
     def _compiled(self, x2: torch.Tensor):
         """The compiled CPU kernels when they can take ``x2`` (see :mod:`spikeprune._ext`), else ``None``."""
-        if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.float64) or x2.dtype != self.weight.dtype:
-            return None
-        return cpu_kernels()
+        return kernels_for(x2) if x2.dtype == self.weight.dtype else None
 
     def _csr(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
         ext = self._compiled(x2)
@@ -468,7 +466,8 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
     back-to-back on one layer runs with warmer caches than it does in the network, and Python dispatch adds up).
     This times ``model`` over ``inputs`` with the layers' auto choices against all event layers forced dense, in
     ``rounds`` interleaved rounds, and when dense wins (median), sets every key these inputs reached to ``dense``.
-    Returns ``{"auto_s": ..., "dense_s": ..., "kept": "auto" | "dense"}`` (seconds per pass over ``inputs``)."""
+    Returns ``{"auto_s": ..., "dense_s": ..., "kept": "auto" | "dense", "keys": {layer: keys seen}}`` (seconds per
+    pass over ``inputs``)."""
     inputs = list(inputs)
     layers = event_layers(model)
     seen: dict[str, set] = {n: set() for n in layers}
@@ -497,7 +496,7 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
             for k in seen[n]:
                 m.choice[k] = "dense"
                 m.dense_shapes.add(torch.Size(k[0]))
-    return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept}
+    return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept, "keys": seen}
 
 
 # -------------------------------------------------------------------------------------- compiled chain
@@ -561,8 +560,7 @@ class EventChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params)):
             return self.body(x)
-        ext = None if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-                       or any(m.observers for m in self._neurons)) else cpu_kernels()
+        ext = None if any(m.observers for m in self._neurons) else kernels_for(x)
         if ext is None:
             return self.body(x)
         return ext.chain_run(self._chain_id(ext), x)
@@ -604,15 +602,15 @@ def compile_chain(model: nn.Module, inputs: Iterable[torch.Tensor], attr: str = 
     body = getattr(model, attr)
     if not isinstance(body, nn.Sequential):
         raise ValueError(f"model.{attr} must be an nn.Sequential, got {type(body).__name__}")
-    inputs = list(inputs)
-    check_network(model, inputs)
-    seen: dict[str, list[str]] = {}
-    for x in inputs:  # the path each layer takes on these inputs now (the most common one over them)
-        model(x)
-        for n, m in body.named_children():
-            if isinstance(m, EventLinear) and m.last_mode:
-                seen.setdefault(n, []).append(m.last_mode)
-    paths = {n: max(set(v), key=v.count) for n, v in seen.items()}
+    keys = check_network(model, inputs)["keys"]
+    paths = {}
+    for n, m in body.named_children():  # the path each layer takes on these inputs now (the most common one)
+        if not isinstance(m, EventLinear):
+            continue
+        chosen = [m.choice[k] for k in keys.get(f"{attr}.{n}", ())] if m.mode == "auto" else [m.mode]
+        if chosen:
+            best = max(set(chosen), key=chosen.count)
+            paths[n] = "event" if best == "gather" else best  # the chain's one input-driven path
     setattr(model, attr, EventChain(body, paths))
     return model
 

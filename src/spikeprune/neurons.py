@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._ext import cpu_kernels
+from ._ext import kernels_for, t_major_dense
 
 __all__ = [
     "Surrogate", "ATan", "Sigmoid", "Triangle", "SURROGATES", "make_surrogate",
@@ -271,27 +271,7 @@ def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, de
 
 
 # ------------------------------------------------------------------------------- CPU: compiled kernels
-_EXT_DTYPES = (torch.float32, torch.float64)
 _SURROGATE_CODES = {ATan: 0, Sigmoid: 1, Triangle: 2}  # the surrogates spikeprune_cpu.cpp knows (exact types)
-
-
-def _cpu_ext(x: torch.Tensor):
-    """The compiled CPU kernels when they can take ``x`` (CPU, float32/64), else ``None``."""
-    if x.is_cuda or x.dtype not in _EXT_DTYPES or x.device.type != "cpu":
-        return None
-    return cpu_kernels()
-
-
-def _t_major(x: torch.Tensor, broadcast: bool = False) -> torch.Tensor:
-    """``x`` itself when T is its outermost dim and each step is dense (contiguous or channels-last), else a copy
-    that is: the layout the compiled kernels walk through. With ``broadcast``, one step expanded over T (stride 0,
-    a repeated static input) is taken as it is."""
-    if x.is_contiguous():
-        return x
-    step = x[0]
-    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
-    ok = x.shape[0] <= 1 or x.stride(0) == step.numel() or (broadcast and x.stride(0) == 0)
-    return x if dense and ok else x.contiguous()
 
 
 def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
@@ -303,12 +283,12 @@ def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
 
 def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = True):
     """:func:`_forward_loop` through the compiled CPU kernel when it applies (constant decay), else eagerly."""
-    ext = _cpu_ext(x) if not torch.is_tensor(k) else None
+    ext = kernels_for(x) if not torch.is_tensor(k) else None
     if ext is None:
         return _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
     a, b = _coeffs(kind, k, decay_input)
     c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
-    x = _t_major(x, broadcast=True)
+    x = x if t_major_dense(x, broadcast=True) else x.contiguous()
     v0 = None if v0 is None else _like(v0, x[0])
     s, h, v = ext.lif_forward(x, v0, float(a), float(b), float(c), kind != "if" and decay_input, float(k), v_th,
                               0.0 if v_reset is None else v_reset, v_reset is not None, keep_membrane)
@@ -318,8 +298,8 @@ def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = T
 def _backward_cpp(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate, need_v0_grad):
     """:func:`_backward_steps` through the compiled CPU kernel; ``None`` when it does not apply."""
     code = _SURROGATE_CODES.get(type(surrogate))
-    ext = _cpu_ext(h_seq) if code is not None else None
-    if ext is None or h_seq.stride() != _t_major(h_seq).stride():
+    ext = kernels_for(h_seq) if code is not None else None
+    if ext is None or not t_major_dense(h_seq):
         return None
     a, b = _coeffs(kind, k, decay_input)
     g_x = ext.lif_backward(h_seq, _like(g_s, h_seq), _like(g_h_out, h_seq), _like(g_v_last, h_seq[0]), float(a),

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ._ext import cpu_kernels
+from ._ext import kernels_for, t_major_dense
 
 __all__ = ["keep_freed_memory", "unit_sums"]
 
@@ -47,18 +47,11 @@ def unit_sums(x: torch.Tensor, op: str = "sum", y: torch.Tensor | None = None, u
         raise ValueError(f"op must be one of {sorted(_UNIT_OPS)}, got {op!r}")
     if (op == "dot") != (y is not None):
         raise ValueError("y is needed by op 'dot' and only by it")
-    ext = None
-    if unit_dim == 2 and x.dim() >= 3 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        ext = cpu_kernels()
-    if ext is not None and _unit_layout_ok(x) and (y is None or (y.dtype == x.dtype and y.stride() == x.stride())):
+    ext = kernels_for(x) if unit_dim == 2 and x.dim() >= 3 else None
+    if ext is not None and t_major_dense(x) and (y is None or (y.dtype == x.dtype and y.stride() == x.stride())):
         return ext.unit_reduce(x, y, _UNIT_OPS[op])
     dims = [d for d in range(x.dim()) if d != unit_dim]
     if op == "sum":
         return x.sum(dims)
     return x.abs().sum(dims) if op == "abs" else (x * y).sum(dims)
 
-
-def _unit_layout_ok(x: torch.Tensor) -> bool:
-    step = x[0]
-    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
-    return dense and (x.shape[0] <= 1 or x.stride(0) == step.numel())

@@ -16,10 +16,13 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["cpu_kernels", "use_cpp"]
+import torch
+
+__all__ = ["cpu_kernels", "kernels_for", "t_major_dense", "use_cpp"]
 
 _SOURCE = Path(__file__).with_name("spikeprune_cpu.cpp")
 _CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
+_DTYPES = (torch.float32, torch.float64)
 _STATE: dict = {"enabled": os.environ.get("SPIKEPRUNE_CPP", "1") != "0", "module": None, "tried": False}
 
 
@@ -37,6 +40,23 @@ def cpu_kernels() -> ModuleType | None:
         _STATE["tried"] = True
         _STATE["module"] = _build()
     return _STATE["module"]
+
+
+def kernels_for(x) -> ModuleType | None:
+    """The compiled kernels when they can take ``x`` (a CPU float32/float64 tensor), else ``None``."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return None
+    return cpu_kernels()
+
+
+def t_major_dense(x, broadcast: bool = False) -> bool:
+    """Whether ``x`` ``[T, ...]`` has the layout the kernels walk through: T outermost and each step dense
+    (contiguous or channels-last); with ``broadcast``, one step expanded over T (stride 0) also qualifies."""
+    if x.is_contiguous():
+        return True
+    step = x[0]
+    dense = step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(memory_format=torch.channels_last))
+    return dense and (x.shape[0] <= 1 or x.stride(0) == step.numel() or (broadcast and x.stride(0) == 0))
 
 
 def _build() -> ModuleType | None:
