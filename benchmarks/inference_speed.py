@@ -8,7 +8,8 @@ says how much of the arithmetic saving turns into time.
 
 (b) **Unstructured.** An ``fc3`` at 10% connectivity (random connection masks on every layer, each hidden layer
 scaled so its neurons fire at ``--target-rate`` on the inputs, since random weights leave it nearly silent; or
-``--fc3-run``) runs at batch 1 and 32, T=4: dense (masks folded, ``F.linear``) against
+``--fc3-run``) runs at batch 1 and 32, T=4: dense (masks folded, ``F.linear``; also ``spike-sparse``, the same
+layers on spikeprune's default ``Linear`` path over the inputs that spiked) against
 :func:`spikeprune.inference.to_event_driven` in each mode (``csr``: sparse weights; ``gather``: columns of the
 spiking inputs; ``event``: only non-zero weights of spiking inputs; ``auto``: the fastest per layer by a one-time
 calibration, then held to "not slower than dense" for the whole network by
@@ -55,6 +56,7 @@ from spikeprune.inference import (  # noqa: E402
     event_report,
     to_event_driven,
 )
+from spikeprune.layers import Linear  # noqa: E402
 from spikeprune.measure import measure  # noqa: E402
 from spikeprune.models import create_model  # noqa: E402
 from spikeprune.neurons import BaseNeuron  # noqa: E402
@@ -129,6 +131,15 @@ def interleaved(models: dict[str, nn.Module], batches: list[torch.Tensor], round
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def plain_dense(model: nn.Module) -> nn.Module:
+    """``model`` with spikeprune's spike-sparse ``Linear`` path switched off: every Linear a dense matrix product,
+    as in ``torch.nn`` (the reference both parts time against)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.max_input_density = 0.0
+    return model
+
+
 # ---------------------------------------------------------------------------------------- (a) structured
 def structured(args) -> tuple[list[dict], list[str]]:
     if args.run:
@@ -150,7 +161,8 @@ def structured(args) -> tuple[list[dict], list[str]]:
                 engine.set_unit_mask(grp.neuron, mask)
         source = f"random unit masks keeping {100 * args.keep:.0f}% of each conv layer's channels"
     x = images(args, max(args.struct_batches) * args.timing_batches)
-    small = compact(masked, x[:2]).eval()
+    small = plain_dense(compact(masked, x[:2]).eval())
+    plain_dense(dense)
     probe = [(x[:8], torch.zeros(len(x[:8]), dtype=torch.long))]
     macs_dense, macs_small = measure(dense, probe).dense_macs, measure(small, probe).dense_macs
     with torch.no_grad():
@@ -191,8 +203,10 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
                   f"weights scaled so its neurons fire at about {args.target_rate} (got "
                   f"{', '.join(f'{r:.3f}' for r in rates)})")
     x = images(args, max(args.unstruct_batches) * args.timing_batches)
-    dense = compact(model, x[:2]).eval()  # masks folded; plain dense layers
-    variants = {"dense": dense}
+    dense = plain_dense(compact(model, x[:2]).eval())  # masks folded; plain dense layers
+    # the same layers with spikeprune's default Linear: dense weights, forward over the inputs that spiked when at
+    # most 25% did (Linear.max_input_density)
+    variants = {"dense": dense, "spike-sparse": compact(model, x[:2]).eval()}
     for mode in [m for m in LINEAR_MODES if m != "dense"] + ["auto"]:
         variants[mode] = to_event_driven(model, mode=mode, example_input=x[:2], repeats=args.calib_repeats)
     names = list(event_layers(variants["auto"]))

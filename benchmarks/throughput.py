@@ -267,10 +267,39 @@ def make_step(model: nn.Module, reset, phase: str, x: torch.Tensor, y: torch.Ten
     return step
 
 
+def inputs(batch: int, data: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: the first ``batch`` Fashion-MNIST training images (normalised as the trainer does) and labels,
+    or, with ``data == "synthetic"``, uniform noise of that shape and random labels."""
+    if data == "synthetic":
+        g = torch.Generator().manual_seed(batch)
+        return torch.rand(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    from spikeprune.data import create_dataset
+
+    ds = create_dataset(data, "train", root=root)
+    return torch.stack([ds[i][0] for i in range(batch)]), torch.tensor([int(ds[i][1]) for i in range(batch)])
+
+
+def hidden_rates(name: str, T: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """spikeprune's firing rate per spiking layer on the timed batch, after ``steps`` Adam steps from the same
+    initialisation as the timed model: how much the spike-sparse Linear path (``Linear.max_input_density``) has to
+    skip, since its speed depends on it."""
+    torch.manual_seed(0)
+    model = ours(name, T).to(x.device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rates: list[float] = []
+    for n in model.neurons():
+        n.observers.append(lambda m, s, h: rates.append(float(s.detach().float().mean())))
+    for _ in range(steps):
+        rates.clear()
+        loss = F.cross_entropy(model(x).mean(0), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return rates
+
+
 def measure_config(name: str, T: int, batch: int, frameworks: list[str], args, device: torch.device) -> list[dict]:
-    g = torch.Generator().manual_seed(batch)
-    x = torch.rand(batch, 1, 28, 28, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    x, y = (t.to(device) for t in inputs(batch, args.data, args.data_root))
     rows = []
     if name == "fc3":  # no 4-D activations: the channels-last variants would time the same thing again
         frameworks = [fw for fw in frameworks if not fw.endswith("-nhwc")]
@@ -294,9 +323,12 @@ def measure_config(name: str, T: int, batch: int, frameworks: list[str], args, d
                     steps[fw]()
                 sync(device)
                 times[fw].append((time.perf_counter() - t0) / args.steps)
+        n_steps = args.warmup + args.rounds * args.steps
+        rates = hidden_rates(name, T, x, y, n_steps) if phase == "train" else []
         for fw in frameworks:
             med = statistics.median(times[fw])
             rows.append({"model": name, "T": T, "batch": batch, "phase": phase, "framework": fw,
+                         "hidden_rates": " ".join(f"{r:.3f}" for r in rates),
                          "samples_per_s": round(batch / med, 2), "ms_per_batch": round(1e3 * med, 3),
                          "ms_min": round(1e3 * min(times[fw]), 3), "ms_max": round(1e3 * max(times[fw]), 3),
                          "rounds": args.rounds, "steps": args.steps})
@@ -321,7 +353,8 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head: list[str]) -> str:
+def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head: list[str],
+           data: str = "synthetic") -> str:
     lines = list(head)
     lines += ["## Setup", "",
               "- Static first layer (all frameworks): the first Linear (fc3) or Conv2d+BatchNorm2d (convnet) runs "
@@ -330,14 +363,23 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
               "0, detached reset, ATan(alpha=2) surrogate. snnTorch runs its layers once per time step (its "
               "single-step design; BatchNorm per step); spikeprune and SpikingJelly fold T into the batch.",
               "- Training step: forward, cross-entropy on the time-mean output, backward, Adam (lr 1e-3). "
-              "Inference: eval mode, `torch.no_grad()`. Synthetic inputs of Fashion-MNIST shape.",
+              "Inference: eval mode, `torch.no_grad()`. Inputs: " + (
+                  "uniform noise of Fashion-MNIST shape, random labels." if data == "synthetic" else
+                  f"the first batch of {data}'s training images (normalised), their labels; every step trains on "
+                  "that batch."),
+              "- Spike-sparse layers: spikeprune's `Linear` runs its forward and weight gradient over the non-zero "
+              "inputs only when at most 25% of them are non-zero (`Linear.max_input_density`); its speed therefore "
+              "depends on the firing rates, listed per spiking layer for the last timed step (measured on "
+              "spikeprune's model after as many steps from the same initialisation). The other frameworks always "
+              "run dense matrix products.",
               "- Layout: spikeprune's Conv2d makes its input channels-last (NHWC) on CPU, where oneDNN's conv, BN "
               "and max-pool kernels are faster; SpikingJelly and snnTorch run their default NCHW. The *NHWC* "
               "columns (convnet only) time the other frameworks after `model.to(memory_format=torch.channels_last)`, "
               "which their users can do by hand: the gap that is left there is the neurons' alone.",
               "- Ratios are spikeprune samples/s over the other framework's (> 1: spikeprune faster). "
               "Neuron overhead: spikeprune training step time over the same network with identity neurons "
-              "(same layers, same layout). *compiled / eager*: spikeprune with its compiled CPU neuron kernel "
+              "(same layers, same layout). *compiled / eager*: spikeprune with its compiled CPU kernels (neuron, "
+              "spike-sparse Linear) "
               "(`spikeprune._ext`) over the same model with it switched off (`use_cpp(False)`).", ""]
     def get(cfg, phase, fw):
         return next((r for r in rows if (r["model"], r["T"], r["batch"]) == cfg and r["phase"] == phase
@@ -352,7 +394,7 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
         if "spikeprune-eager" in frameworks:
             cols.append("compiled / eager kernels")
         if phase == "train":
-            cols.append("neuron overhead (ours / identity step time)")
+            cols += ["neuron overhead (ours / identity step time)", "firing rates (last step)"]
         lines += [f"## {title} (samples/s, median of rounds)", "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * 3 + "---:|" * (len(cols) - 3)]
         for cfg in cfgs:
@@ -364,7 +406,7 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
                 cells.append(ratio(sps["spikeprune"], sps["spikeprune-eager"]))
             if phase == "train":
                 ident = get(cfg, phase, "spikeprune-identity")
-                cells.append(ratio(me["ms_per_batch"], ident["ms_per_batch"]) if ident else "-")
+                cells += [ratio(me["ms_per_batch"], ident["ms_per_batch"]) if ident else "-", me["hidden_rates"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if parities:
@@ -390,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                             "spikingjelly-nhwc", "snntorch-nhwc"],
                    help="'-nhwc' variants: that framework's model converted to channels-last (convnet only)")
     p.add_argument("--configs", nargs="+", default=[f"{m}:{T}" for m, T in CONFIGS], help="model:T pairs")
+    p.add_argument("--data", default="auto",
+                   help="fashion_mnist (real images: realistic firing rates), synthetic (uniform noise), or auto "
+                        "(fashion_mnist when its files are found, else synthetic)")
+    p.add_argument("--data-root", default=None)
     p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 4, 1 round of 1 step")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc's defaults (by default the process runs as spikeprune's trainer sets it, "
@@ -398,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.rounds, args.steps, args.warmup = [4], 1, 1, 1
+    if args.data == "auto":
+        try:
+            inputs(1, "fashion_mnist", args.data_root)
+            args.data = "fashion_mnist"
+        except (FileNotFoundError, RuntimeError, OSError):
+            args.data = "synthetic"
     kept = False
     if not args.default_malloc and args.device != "cuda":
         from spikeprune.perf import keep_freed_memory
@@ -435,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "throughput.md").write_text(report(rows, parities, frameworks, head))
+    (out / "throughput.md").write_text(report(rows, parities, frameworks, head, args.data))
     print(f"wrote {out / 'throughput.md'} and {out / 'throughput.csv'}")
     return 0
 

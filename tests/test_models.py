@@ -112,3 +112,72 @@ def test_maxpool_without_grad_equals_the_pooling_kernel(shape):
     assert torch.equal(out.detach(), want) and out.grad_fn is not None
     out.sum().backward()
     assert xg.grad.sum() == want.numel()  # one input per window gets the gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["spikes", "sparse_analog"])
+@pytest.mark.parametrize("n_out", [10, 64, 130])  # below, at and past one 64-float block (a zero-padded tail)
+def test_linear_on_sparse_input_equals_dense(backend, dtype, kind, n_out):
+    # the spike-sparse path (compiled) and the dense layer (eager) give the same outputs and the same gradients for
+    # x, W and b, whether the non-zeros are all 1 (spikes) or not
+    from spikeprune.layers import Linear
+
+    torch.manual_seed(0)
+    x = (torch.rand(3, 5, 97) < 0.1).to(dtype)
+    if kind == "sparse_analog":
+        x = x * torch.randn_like(x)
+    x[1, 2] = 0  # an empty row
+    x[2, 3:] = 0  # trailing empty rows (the index list must not be written past its end)
+    layer = Linear(97, n_out).to(dtype)
+    ref = torch.nn.Linear(97, n_out).to(dtype)
+    ref.load_state_dict(layer.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, want = layer(xa), ref(xb)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert y.shape == (3, 5, n_out)
+    assert torch.allclose(y, want, rtol=0, atol=tol)
+    for a, b in ((xa.grad, xb.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+        assert torch.allclose(a, b, rtol=0, atol=tol)
+    assert torch.equal(layer.weight.grad != 0, ref.weight.grad != 0)  # untouched inputs' weights get exactly 0
+
+
+def test_linear_sparse_path_is_taken_only_below_the_density_limit():
+    from spikeprune._ext import cpu_kernels
+    from spikeprune.layers import Linear
+    from spikeprune.perf import sparse_input_linear
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(0)
+    w = torch.randn(8, 40)
+    sparse = (torch.rand(6, 40) < 0.1).float()
+    dense = torch.rand(6, 40) + 0.1
+    assert sparse_input_linear(sparse, w) is not None
+    assert sparse_input_linear(dense, w) is None  # every input non-zero: the dense kernel is faster
+    assert sparse_input_linear(sparse.double(), w) is None  # mixed dtypes: left to F.linear (which raises)
+    layer = Linear(40, 8, bias=False)
+    layer.max_input_density = 0.0  # switched off: plain nn.Linear
+    y = layer(sparse.requires_grad_())
+    assert "SparseInputLinear" not in type(y.grad_fn).__name__
+    layer.max_input_density = 0.2
+    assert "SparseInputLinear" in type(layer(sparse).grad_fn).__name__
+
+
+def test_linear_sparse_path_trains_a_masked_layer_like_the_dense_one():
+    # a pruned layer (weight * mask, as the mask engine leaves it) gets the same dense gradient (regrowth scores
+    # need the gradient of the pruned weights too)
+    from spikeprune.layers import Linear
+
+    torch.manual_seed(1)
+    layer = Linear(50, 20, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(20, 50) < 0.3)
+    x = (torch.rand(4, 7, 50) < 0.15).float()
+    layer(x).square().sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x, w).square().sum().backward()
+    assert torch.allclose(layer.weight.grad, w.grad, rtol=0, atol=1e-5)
+    assert int((layer.weight.grad[layer.weight == 0] != 0).sum()) > 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .perf import sparse_input_linear
+
 __all__ = [
     "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
     "Flatten", "Dropout", "Repeat", "RateEncoder", "EventInput", "VotingLayer", "seq_apply",
@@ -43,7 +45,18 @@ class Conv2d(nn.Conv2d):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (already works on any leading dimensions)."""
+    """``nn.Linear`` on any leading dimensions. On CPU, a mostly-zero input (spikes: at most ``max_input_density``
+    non-zero) runs :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the
+    inputs that spiked; same values and gradients as the dense layer up to float summation order."""
+
+    max_input_density: float = 0.25
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.max_input_density > 0 and x.device.type == "cpu":
+            y = sparse_input_linear(x, self.weight, self.bias, self.max_input_density)
+            if y is not None:
+                return y
+        return super().forward(x)
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -11,7 +11,7 @@ import torch
 
 from ._ext import kernels_for, t_major_dense
 
-__all__ = ["keep_freed_memory", "unit_sums"]
+__all__ = ["keep_freed_memory", "sparse_input_linear", "unit_sums"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
@@ -55,3 +55,44 @@ def unit_sums(x: torch.Tensor, op: str = "sum", y: torch.Tensor | None = None, u
         return x.sum(dims)
     return x.abs().sum(dims) if op == "abs" else (x * y).sum(dims)
 
+
+
+class _SparseInputLinear(torch.autograd.Function):
+    """``x W^T + b`` over the non-zero entries of ``x`` (its CSR rows), and ``dW = g^T x`` the same way. Only the
+    rows are kept for the backward, not ``x``; ``dx = g W`` stays a dense matrix product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, ext):
+        ptr, cols, vals = rows
+        ctx.ext, ctx.n_in = ext, x.shape[1]
+        ctx.save_for_backward(weight, ptr, cols, vals)
+        return ext.sparse_input_linear(ptr, cols, vals, ext.pack_weight(weight), bias, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        weight, ptr, cols, vals = ctx.saved_tensors
+        g = g.contiguous()
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = ctx.ext.sparse_input_weight_grad(ptr, cols, vals, g, ctx.n_in) if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        max_density: float = 0.25) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for a mostly-zero ``x`` (spikes), with the work of the forward and of the
+    weight gradient proportional to the non-zero inputs instead of all of them; ``None`` when the compiled
+    kernels cannot take these tensors or more than ``max_density`` of ``x`` is non-zero (dense is faster then).
+    Same values as ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``."""
+    ext = kernels_for(x)
+    if (ext is None or x.dim() < 2 or weight.dim() != 2 or x.dtype != weight.dtype or weight.device != x.device
+            or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
+            or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = ext.sparse_rows(x2.contiguous(), float(max_density))
+    if not rows:
+        return None
+    y = _SparseInputLinear.apply(x2, weight, bias if bias is None else bias.contiguous(), rows, ext)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
