@@ -8,6 +8,8 @@
 //   non-zero weights of column i (CSC by input), i.e. exactly the layer's synaptic operations.
 // * csr_linear: y[n, o] = bias[o] + sum_j W[o, col_j] x[n, col_j] over the non-zero weights of row o (CSR), for
 //   inputs that are not spikes (the analog first layer of a direct-encoded SNN).
+// * sparse_rows / pack_weight / sparse_input_linear / sparse_input_weight_grad: a *dense* Linear trained on a
+//   mostly-zero input (spikes): forward and weight gradient over the non-zero inputs only.
 //
 // All tensors are "T-major dense": x.stride(0) == x[0].numel() and x[0] is dense in memory (contiguous or
 // channels-last); outputs are made with empty_like and so share the input's layout. The Python side checks this.
