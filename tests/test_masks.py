@@ -663,3 +663,30 @@ def test_grad_clip_sees_masked_gradients_and_hooks_see_each_gradient_once(tmp_pa
     assert len(calls) == 2 * len(eng.layers)  # once per layer per step, not twice
     for m in eng.layers.values():
         assert bool((m.weight[~m.weight_mask] == 0).all())
+
+
+def test_dead_second_moments_are_parked_and_reparked():
+    # Adam's exp_avg_sq of dead weights: 1.0 after the first step (PyTorch's CPU sqrt is slow on exact zeros), decays
+    # like any unused second moment, and is set back to 1.0 every 4096 steps; live entries are never touched
+    torch.manual_seed(0)
+    model = fc()
+    eng = MaskEngine(model)
+    gen = torch.Generator().manual_seed(0)
+    init_masks(eng, "uniform", 0.5, gen)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    eng.attach(opt)
+    w = eng.layers["body.4"].weight
+    dead = ~eng.mask("body.4")
+    random_grads(model, gen)
+    opt.step()
+    v = opt.state[w]["exp_avg_sq"]
+    assert torch.all(v[dead] == 1.0) and torch.all(v[~dead] != 1.0)
+    random_grads(model, gen)
+    opt.step()
+    assert torch.allclose(v[dead], torch.full_like(v[dead], 0.999))  # beta2 decay, zero gradient
+    live = v[~dead].clone()
+    eng._steps = 4096
+    random_grads(model, gen)
+    opt.step()
+    assert torch.all(v[dead] == 1.0) and not torch.equal(v[~dead], live)
+    assert torch.all(w[dead] == 0.0)
