@@ -16,6 +16,13 @@ spikeprune compare $f/convnet_dense.yaml $f/convnet_sca.yaml $f/convnet_pq_layer
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet "$@"
 spikeprune compare $f/convnet_dense_wide.yaml $f/convnet_wide_pq_layer.yaml $f/convnet_wide_pq_neuron.yaml \
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet_wide "$@"
+# seed 1 of the wide convnet trio (each recipe with --set seed=1 --set name=<recipe>_s1)
+for r in convnet_dense_wide convnet_wide_pq_layer convnet_wide_pq_neuron; do
+  [ -f runs/fmnist/${r}_s1/results.json ] || \
+    spikeprune train -c $f/$r.yaml --set seed=1 --set name=${r}_s1 --set out_dir=runs/fmnist
+done
+spikeprune compare runs/fmnist/convnet_dense_wide_s1/config.json runs/fmnist/convnet_wide_pq_layer_s1/config.json \
+  runs/fmnist/convnet_wide_pq_neuron_s1/config.json --out $out/core_fmnist_convnet_wide_s1 "$@"
 spikeprune compare $f/convnet_dense_wide_e12.yaml $f/convnet_wide_pq_layer_e12.yaml \
   --set out_dir=runs/fmnist --out $out/core_fmnist_convnet_wide_e12 "$@"
 spikeprune compact runs/fmnist/convnet_sca > $out/core_fmnist_sca_compact.md

@@ -690,3 +690,42 @@ def test_dead_second_moments_are_parked_and_reparked():
     opt.step()
     assert torch.all(v[dead] == 1.0) and not torch.equal(v[~dead], live)
     assert torch.all(w[dead] == 0.0)
+
+
+def test_unit_gate_compiled_equals_eager_on_conv_channels(backend):
+    # the conv channel gate (channels-last [T, B, C, H, W] spikes): same outputs, weight gradients and gate
+    # gradients on the compiled path (one pass each way) as on the eager product + hook
+    torch.manual_seed(0)
+    model = create_model("convnet", T=2, channels=(4, 6), hidden=8, image_size=8)
+    liven(model)
+    x = torch.rand(3, 1, 8, 8) * 4
+    eng = MaskEngine(model, example_input=x[:1])
+    convs = [g.neuron for g in eng.unit_groups() if g.units in (4, 6)]
+    eng.enable_units(convs)
+    for n in convs:
+        um = torch.ones(eng.unit_mask(n).numel(), dtype=torch.bool)
+        um[1] = False
+        eng.set_unit_mask(n, um)
+    eng.track_unit_grad = True
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    got = {"out": out.detach(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+           "gate": eng.pop_unit_grad()}
+    ref_path = "eager" if backend == "cpp" else "cpp"
+    from spikeprune._ext import use_cpp
+
+    model.zero_grad()
+    use_cpp(ref_path == "cpp")
+    try:
+        out2 = model(x)
+        (out2 * torch.linspace(-1, 1, out2.shape[-1])).sum().backward()
+    finally:
+        use_cpp(backend == "cpp")
+    torch.testing.assert_close(got["out"], out2.detach(), rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-5, atol=1e-5)
+    gate = eng.pop_unit_grad()
+    assert set(gate) == set(convs)
+    for n in convs:
+        torch.testing.assert_close(got["gate"][n], gate[n], rtol=1e-5, atol=1e-5)
+        assert got["gate"][n][1] > 0  # the masked channel still gets the dense signal

@@ -181,3 +181,24 @@ def test_linear_sparse_path_trains_a_masked_layer_like_the_dense_one():
     torch.nn.functional.linear(x, w).square().sum().backward()
     assert torch.allclose(layer.weight.grad, w.grad, rtol=0, atol=1e-5)
     assert int((layer.weight.grad[layer.weight == 0] != 0).sum()) > 0
+
+
+def test_linear_inference_reuses_the_packed_weight_until_it_changes():
+    from spikeprune._ext import cpu_kernels
+    from spikeprune.layers import Linear
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(0)
+    layer = Linear(30, 70)
+    x = (torch.rand(4, 30) < 0.1).float()
+    with torch.no_grad():
+        y1 = layer(x)
+        packed = layer.__dict__["_packed_cache"][1]
+        layer(x)
+        assert layer.__dict__["_packed_cache"][1] is packed  # unchanged weight: packed once
+        layer.weight.mul_(2.0)  # an in-place change (an optimizer step, a mask) bumps the version: packed again
+        y2 = layer(x)
+    assert layer.__dict__["_packed_cache"][1] is not packed
+    assert torch.allclose(y2 - layer.bias, 2 * (y1 - layer.bias), atol=1e-5)
+    assert torch.allclose(y2, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .perf import sparse_input_linear
+from .perf import pack_weight, sparse_input_linear
 
 __all__ = [
     "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
@@ -53,10 +53,20 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_input_density > 0 and x.device.type == "cpu":
-            y = sparse_input_linear(x, self.weight, self.bias, self.max_input_density)
+            packed = None if torch.is_grad_enabled() else self._packed()
+            y = sparse_input_linear(x, self.weight, self.bias, self.max_input_density, packed)
             if y is not None:
                 return y
         return super().forward(x)
+
+    def _packed(self) -> torch.Tensor | None:
+        """The packed weight, kept while the weight is unchanged (inference: packing costs a pass over it)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        hit = self.__dict__.get("_packed_cache")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_packed_cache"] = (key, pack_weight(w))
+        return hit[1]
 
 
 class BatchNorm2d(nn.BatchNorm2d):

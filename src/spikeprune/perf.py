@@ -11,7 +11,7 @@ import torch
 
 from ._ext import kernels_for, t_major_dense
 
-__all__ = ["keep_freed_memory", "sparse_input_linear", "unit_sums"]
+__all__ = ["keep_freed_memory", "pack_weight", "sparse_input_linear", "unit_sums"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
@@ -62,11 +62,12 @@ class _SparseInputLinear(torch.autograd.Function):
     rows are kept for the backward, not ``x``; ``dx = g W`` stays a dense matrix product."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, ext):
+    def forward(ctx, x, weight, bias, rows, ext, packed):
         ptr, cols, vals = rows
         ctx.ext, ctx.n_in = ext, x.shape[1]
         ctx.save_for_backward(weight, ptr, cols, vals)
-        return ext.sparse_input_linear(ptr, cols, vals, ext.pack_weight(weight), bias, weight.shape[0])
+        packed = ext.pack_weight(weight) if packed is None else packed
+        return ext.sparse_input_linear(ptr, cols, vals, packed, bias, weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -76,15 +77,17 @@ class _SparseInputLinear(torch.autograd.Function):
         gx = g @ weight if ctx.needs_input_grad[0] else None
         gw = ctx.ext.sparse_input_weight_grad(ptr, cols, vals, g, ctx.n_in) if ctx.needs_input_grad[1] else None
         gb = g.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        max_density: float = 0.25) -> torch.Tensor | None:
+                        max_density: float = 0.25, packed: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` for a mostly-zero ``x`` (spikes), with the work of the forward and of the
     weight gradient proportional to the non-zero inputs instead of all of them; ``None`` when the compiled
     kernels cannot take these tensors or more than ``max_density`` of ``x`` is non-zero (dense is faster then).
-    Same values as ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``."""
+    Same values as ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``.
+    ``packed``: ``weight`` already packed by :func:`pack_weight` (inference reuses it while the weight is
+    unchanged)."""
     ext = kernels_for(x)
     if (ext is None or x.dim() < 2 or weight.dim() != 2 or x.dtype != weight.dtype or weight.device != x.device
             or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
@@ -94,5 +97,12 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     rows = ext.sparse_rows(x2.contiguous(), float(max_density))
     if not rows:
         return None
-    y = _SparseInputLinear.apply(x2, weight, bias if bias is None else bias.contiguous(), rows, ext)
+    y = _SparseInputLinear.apply(x2, weight, bias if bias is None else bias.contiguous(), rows, ext, packed)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` [out, in] in the layout :func:`sparse_input_linear` sums over (W^T in blocks of 64 outputs),
+    or ``None`` when the compiled kernels cannot take it."""
+    ext = kernels_for(weight)
+    return None if ext is None or weight.dim() != 2 else ext.pack_weight(weight.detach())

@@ -696,6 +696,86 @@ at::Tensor unit_reduce(const at::Tensor& a, const c10::optional<at::Tensor>& b, 
   return out.to(a.scalar_type());
 }
 
+namespace {
+
+// y = x * m[unit] (and, with G, gate[unit] += sum g * s) over [T, B, C, ...] in memory order: the unit of the
+// k-th element is (k / sc) % C (see unit_reduce_kernel).
+template <typename T, bool DOT>
+void unit_scale_kernel(const T* X, const T* M, T* Y, const T* S, int64_t total, int64_t C, int64_t sc,
+                       double* out) {
+  const int nt = at::get_num_threads();
+  std::vector<double> partial(DOT ? static_cast<size_t>(nt) * C : 0, 0.0);
+  const int64_t period = C * sc, periods = total / period;
+  at::parallel_for(0, periods, std::max<int64_t>(1, 16384 / period), [&](int64_t begin, int64_t end) {
+    double* acc = DOT ? partial.data() + static_cast<size_t>(at::get_thread_num()) * C : nullptr;
+    std::vector<T> blk(DOT ? C : 0);
+    for (int64_t p0 = begin; p0 < end; p0 += 256) {
+      const int64_t p1 = std::min(end, p0 + 256);
+      if constexpr (DOT) std::fill(blk.begin(), blk.end(), T(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t base = p * period;
+        if (sc == 1) {
+          const T* __restrict x = X + base;
+          T* __restrict y = Y + base;
+          for (int64_t c = 0; c < C; ++c) y[c] = x[c] * M[c];
+          if constexpr (DOT) {
+            const T* __restrict sv = S + base;
+            T* __restrict bk = blk.data();
+            for (int64_t c = 0; c < C; ++c) bk[c] += x[c] * sv[c];
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t k0 = base + c * sc;
+            const T mc = M[c];
+            T sum = T(0);
+            for (int64_t k = k0; k < k0 + sc; ++k) {
+              Y[k] = X[k] * mc;
+              if constexpr (DOT) sum += X[k] * S[k];
+            }
+            if constexpr (DOT) blk[c] += sum;
+          }
+        }
+      }
+      if constexpr (DOT)
+        for (int64_t c = 0; c < C; ++c) acc[c] += blk[c];
+    }
+  });
+  if constexpr (DOT)
+    for (int t = 0; t < nt; ++t)
+      for (int64_t c = 0; c < C; ++c) out[c] += partial[static_cast<size_t>(t) * C + c];
+}
+
+}  // namespace
+
+// x * m per unit (units on dim 2 of a T-major [T, B, C, ...] x, each step contiguous or channels-last; m [C] in x's
+// dtype), in x's layout. With s (like x): also returns sum(x * s) per unit, the gate gradient when x is the
+// gradient of a gated output and s the ungated spikes; else an empty second tensor.
+std::vector<at::Tensor> unit_scale(const at::Tensor& x, const at::Tensor& m, const c10::optional<at::Tensor>& s) {
+  check_t_major(x, "x");
+  TORCH_CHECK(x.dim() >= 3, "x must be [T, B, C, ...]");
+  const at::Tensor step = x[0];
+  TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "each step must be contiguous or channels-last");
+  const int64_t C = step.size(1), sc = step.stride(1);
+  TORCH_CHECK(m.numel() == C && m.is_contiguous() && m.scalar_type() == x.scalar_type(),
+              "m must be a contiguous [C] tensor of x's dtype");
+  const bool dot = s.has_value() && s->defined();
+  if (dot) check_like(*s, x, "s");
+  at::Tensor y = empty_steps(x);
+  at::Tensor out = dot ? at::zeros({C}, x.options().dtype(at::kDouble)) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {y, dot ? out.to(x.scalar_type()) : out};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_scale", [&] {
+    using T_ = scalar_t;
+    if (dot)
+      unit_scale_kernel<T_, true>(x.data_ptr<T_>(), m.data_ptr<T_>(), y.data_ptr<T_>(), s->data_ptr<T_>(),
+                                  x.numel(), C, sc, out.data_ptr<double>());
+    else
+      unit_scale_kernel<T_, false>(x.data_ptr<T_>(), m.data_ptr<T_>(), y.data_ptr<T_>(), nullptr, x.numel(), C,
+                                   sc, nullptr);
+  });
+  return {y, dot ? out.to(x.scalar_type()) : out};
+}
+
 // A chain of layers run in one call (no Python between them): for batch-1 inference, where launching each layer
 // from Python costs more than the layer's event-driven work. op kinds and their tensors / scalars:
 //   0 flatten the last s[0] dims      1 repeat over T = s[0] (a stride-0 view)
@@ -782,6 +862,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_run", &chain_run, "run a registered chain");
   m.def("chain_release", &chain_release, "forget a registered chain");
   m.def("unit_reduce", &unit_reduce, "per-unit sum, |.| sum or dot over [T, B, C, ...] (CPU)");
+  m.def("unit_scale", &unit_scale, "x * m per unit, optionally with the per-unit dot with s (CPU)");
   m.def("lif_forward", &lif_forward, "multi-step LIF/IF forward (CPU)");
   m.def("lif_backward", &lif_backward, "multi-step LIF/IF BPTT backward, detached reset (CPU)");
   m.def("event_linear", &event_linear, "event-driven linear layer over the non-zero inputs (CPU)");

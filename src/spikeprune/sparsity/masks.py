@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import dist
+from .._ext import kernels_for, t_major_dense
 from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
 from ..neurons import is_neuron
@@ -34,6 +36,31 @@ from ..perf import unit_sums
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
 PARKED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # second moments: only ever under a square root
+
+
+class _UnitGate(torch.autograd.Function):
+    """Spikes ``s`` [T, B, C, ...] times the unit mask ``m`` [C] (compiled, in ``s``'s layout); the backward
+    scales the gradient by ``m`` and, with ``on_gate``, hands it ``sum(g * s)`` per unit from the same pass."""
+
+    @staticmethod
+    def forward(ctx, s, m, ext, on_gate):
+        ctx.ext, ctx.on_gate = ext, on_gate
+        ctx.save_for_backward(m, s.detach() if on_gate is not None else None)
+        return ext.unit_scale(s, m, None)[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        m, s = ctx.saved_tensors
+        ref = s if s is not None else g
+        if t_major_dense(g) and (s is None or g.stride() == s.stride()):
+            gx, dot = ctx.ext.unit_scale(g, m, s)
+        else:  # a gradient in another layout: eager
+            view = m.view(-1, *([1] * (g.dim() - 3)))
+            gx, dot = g * view, (unit_sums(g, "dot", ref) if s is not None else None)
+        if ctx.on_gate is not None:
+            ctx.on_gate(dot)
+        return gx, None, None, None
 
 
 class MaskEngine:
@@ -243,26 +270,32 @@ class MaskEngine:
     def _unit_hook(self, name: str, feat_dims: int):
         def hook(mod, inputs, result):
             out = neuron_spikes(result)  # snnTorch neurons may return (spk, mem): only spk is masked
+            unit_dim = out.dim() - feat_dims
+            track = self.track_unit_grad and torch.is_grad_enabled() and out.requires_grad
+            ext = kernels_for(out) if unit_dim == 2 and out.dim() >= 3 else None
+            if ext is not None and t_major_dense(out):  # one compiled pass each way, gate gradient included
+                on_gate = functools.partial(self._add_gate_grad, name) if track else None
+                y = _UnitGate.apply(out, mod.unit_mask.to(out.dtype), ext, on_gate)
+                return with_spikes(result, y)
             m = mod.unit_mask.view(-1, *([1] * (feat_dims - 1))).to(out.dtype)
             y = out * m
-            if self.track_unit_grad and torch.is_grad_enabled() and y.requires_grad:
+            if track:
                 s = out.detach()
-                unit_dim = y.dim() - feat_dims
-
-                def grad_hook(gy):
-                    g = unit_sums(gy.detach(), "dot", s, unit_dim)  # dL/dgate, one pass without a product copy
-                    if dist.is_dist():  # local gradient: averaged over ranks before |.| (_reduce_unit_grad)
-                        prev = self._unit_grad_step.get(name)
-                        self._unit_grad_step[name] = g if prev is None else prev + g
-                        return
-                    acc = g.abs()
-                    prev = self.unit_grad.get(name)  # may come from a CPU checkpoint (resume)
-                    self.unit_grad[name] = acc if prev is None else prev.to(acc.device) + acc
-
-                y.register_hook(grad_hook)
+                # dL/dgate, one pass without a product copy
+                y.register_hook(lambda gy: self._add_gate_grad(name, unit_sums(gy.detach(), "dot", s, unit_dim)))
             return with_spikes(result, y)
 
         return hook
+
+    def _add_gate_grad(self, name: str, g: torch.Tensor) -> None:
+        """Accumulate one step's gate gradient ``g`` of unit layer ``name`` (see ``track_unit_grad``)."""
+        if dist.is_dist():  # local gradient: averaged over ranks before |.| (_reduce_unit_grad)
+            prev = self._unit_grad_step.get(name)
+            self._unit_grad_step[name] = g if prev is None else prev + g
+            return
+        acc = g.abs()
+        prev = self.unit_grad.get(name)  # may come from a CPU checkpoint (resume)
+        self.unit_grad[name] = acc if prev is None else prev.to(acc.device) + acc
 
     def unit_mask(self, neuron: str) -> torch.Tensor:
         return dict(self.model.named_modules())[neuron].unit_mask
