@@ -36,9 +36,12 @@ class Conv2d(nn.Conv2d):
     carries on through BN, pooling and the neurons to the next convolution. Weights keep their usual layout."""
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
+        if x.device.type != "cpu":
+            return super().forward(x)
+        y = super().forward(x.contiguous(memory_format=torch.channels_last))
+        # a 1-channel input is both layouts at once and oneDNN then answers NCHW: the output is made channels-last
+        # too, so BN, pooling, neurons (and their gradients) stay in one layout up to the next convolution
+        return y.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return seq_apply(self._conv, x, 4)

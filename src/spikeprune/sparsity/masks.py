@@ -52,12 +52,12 @@ class _UnitGate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         m, s = ctx.saved_tensors
-        ref = s if s is not None else g
-        if t_major_dense(g) and (s is None or g.stride() == s.stride()):
+        if s is not None and g.stride() != s.stride():  # a gradient in another layout: one copy into the spikes'
+            g = torch.empty_like(s).copy_(g)
+        if t_major_dense(g):
             gx, dot = ctx.ext.unit_scale(g, m, s)
-        else:  # a gradient in another layout: eager
-            view = m.view(-1, *([1] * (g.dim() - 3)))
-            gx, dot = g * view, (unit_sums(g, "dot", ref) if s is not None else None)
+        else:
+            gx, dot = g * m.view(-1, *([1] * (g.dim() - 3))), None
         if ctx.on_gate is not None:
             ctx.on_gate(dot)
         return gx, None, None, None
