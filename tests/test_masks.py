@@ -729,3 +729,22 @@ def test_unit_gate_compiled_equals_eager_on_conv_channels(backend):
     for n in convs:
         torch.testing.assert_close(got["gate"][n], gate[n], rtol=1e-5, atol=1e-5)
         assert got["gate"][n][1] > 0  # the masked channel still gets the dense signal
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_select_per_row_selection_equals_the_stable_sort(largest, rows):
+    # the one-k fast path (kthvalue) picks exactly what the stable sort picks, ties broken by position
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (rows, 200), generator=g).float()  # many ties
+    score[:, ::7] = 0.0
+    cand = torch.rand(rows, 200, generator=g) < 0.6
+    for k in (0, 1, 17, 60, 119, 200, 500):
+        got = select_per_row(score, k, cand, largest=largest)
+        s = score.masked_fill(~cand, float("-inf") if largest else float("inf"))
+        order = torch.argsort(s, dim=1, descending=largest, stable=True)
+        want = torch.zeros_like(cand)
+        for r in range(rows):
+            want[r, order[r, :k]] = True
+        assert torch.equal(got, want & cand), k
+        assert torch.equal(select_per_row(score, torch.full((rows,), k), cand, largest=largest), got)

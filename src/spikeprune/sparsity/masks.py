@@ -485,11 +485,32 @@ def select_per_row(score: torch.Tensor, k: torch.Tensor | int, candidates: torch
     cand = candidates.reshape(score.shape)
     fill = float("-inf") if largest else float("inf")
     s = score.float().masked_fill(~cand, fill)
+    kk = k.reshape(-1) if torch.is_tensor(k) else None
+    if kk is None or kk.numel() == 1 or bool((kk == kk[0]).all()):
+        # one k for every row (a whole layer is one row): a selection instead of a sort, same choice
+        return _select_first_k(s, int(k if kk is None else kk[0]), largest, cand).reshape(candidates.shape)
     order = torch.argsort(s, dim=1, descending=largest, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order).contiguous())
     k = k.to(s.device).reshape(-1, 1) if torch.is_tensor(k) else torch.tensor([[int(k)]], device=s.device)
     return ((ranks < k) & cand).reshape(candidates.shape)
+
+
+def _select_first_k(s: torch.Tensor, k: int, largest: bool, cand: torch.Tensor) -> torch.Tensor:
+    """What a stable sort of each row of ``s`` would rank first ``k`` times (ties by position), among ``cand``:
+    everything strictly better than the k-th value, then the first of the entries equal to it. O(n) per row
+    (``kthvalue``) where the sort was O(n log n): the epoch-end rewiring of fc3 spent 70% of its time sorting."""
+    n = s.shape[1]
+    if k <= 0 or n == 0:
+        return torch.zeros_like(cand)
+    if k >= n:
+        return cand.clone()
+    v = -s if largest else s
+    thr = v.kthvalue(k, dim=1, keepdim=True).values
+    better = v < thr
+    equal = v == thr
+    need = k - better.sum(1, keepdim=True)
+    return (better | (equal & (equal.cumsum(1) <= need))) & cand
 
 
 def scope_view(t: torch.Tensor, scope: str) -> torch.Tensor:
