@@ -56,7 +56,6 @@ def unit_sums(x: torch.Tensor, op: str = "sum", y: torch.Tensor | None = None, u
     return x.abs().sum(dims) if op == "abs" else (x * y).sum(dims)
 
 
-
 class _SparseInputLinear(torch.autograd.Function):
     """``x W^T + b`` over the non-zero entries of ``x`` (its CSR rows), and ``dW = g^T x`` the same way. Only the
     rows are kept for the backward, not ``x``; ``dx = g W`` stays a dense matrix product."""

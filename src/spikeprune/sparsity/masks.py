@@ -54,10 +54,9 @@ class _UnitGate(torch.autograd.Function):
         m, s = ctx.saved_tensors
         if s is not None and g.stride() != s.stride():  # a gradient in another layout: one copy into the spikes'
             g = torch.empty_like(s).copy_(g)
-        if t_major_dense(g):
-            gx, dot = ctx.ext.unit_scale(g, m, s)
-        else:
-            gx, dot = g * m.view(-1, *([1] * (g.dim() - 3))), None
+        elif not t_major_dense(g):
+            g = g.contiguous()
+        gx, dot = ctx.ext.unit_scale(g, m, s)
         if ctx.on_gate is not None:
             ctx.on_gate(dot)
         return gx, None, None, None
@@ -127,7 +126,7 @@ class MaskEngine:
         grown = changed & mask
         layer.weight.masked_fill_(~mask | grown, 0.0)
         layer.weight_mask.copy_(mask)
-        self._clear_state(layer.weight, changed)
+        self._clear_state(layer, changed)
         self.version += 1
 
     def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
@@ -154,29 +153,28 @@ class MaskEngine:
                 m.weight.mul_(mult)
 
     @torch.no_grad()
-    def _clear_state(self, p: torch.Tensor, where: torch.Tensor) -> None:
+    def _clear_state(self, layer: nn.Module, where: torch.Tensor) -> None:
+        """Zero ``layer``'s optimizer state at ``where``, then park the dead weights' second moments."""
         if self.optimizer is None or not where.any():
             return
+        p = layer.weight
         state = self.optimizer.state.get(p)
         if not state:
             return
         for v in state.values():
             if torch.is_tensor(v) and v.shape == p.shape:
                 v.masked_fill_(where, 0)
-        self._park(p, where)
+        self._park(layer, where)
 
     @torch.no_grad()
-    def _park(self, p: torch.Tensor, where: torch.Tensor) -> None:
+    def _park(self, layer: nn.Module, where: torch.Tensor) -> None:
         """Set the second moments of the dead weights among ``where`` to 1.0 (see the module docstring)."""
-        state = self.optimizer.state.get(p) if self.optimizer is not None else None
+        state = self.optimizer.state.get(layer.weight) if self.optimizer is not None else None
         if state:
             for k in PARKED_STATE:
                 v = state.get(k)
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    v.masked_fill_(where & ~self._mask_of(p), 1.0)
-
-    def _mask_of(self, p: torch.Tensor) -> torch.Tensor:
-        return next(m.weight_mask for m in self.layers.values() if m.weight is p)
+                if torch.is_tensor(v) and v.shape == layer.weight.shape:
+                    v.masked_fill_(where & ~layer.weight_mask, 1.0)
 
     def _after_step(self) -> None:
         self.apply()
@@ -184,7 +182,7 @@ class MaskEngine:
         # left after 4096 steps), so park again then and every 4096 steps (one masked fill, negligible)
         if self._steps % 4096 == 0 and self.optimizer is not None:
             for m in self.layers.values():
-                self._park(m.weight, ~m.weight_mask)
+                self._park(m, ~m.weight_mask)
         self._steps += 1
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -195,7 +193,7 @@ class MaskEngine:
                            optimizer.register_step_post_hook(lambda *a: self._after_step())]
         self._steps = 0
         for m in self.layers.values():  # state may hold values from before the masks existed
-            self._clear_state(m.weight, ~m.weight_mask)
+            self._clear_state(m, ~m.weight_mask)
 
     def detach_optimizer(self) -> None:
         for h in self._opt_hooks:
