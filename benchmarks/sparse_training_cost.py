@@ -3,9 +3,11 @@
 The same model, data, batch size and number of steps per epoch, trained by the project's ``Trainer`` with each
 method at its **default cadence** (``create_method(name)`` with no options: pq_rewire rewires every epoch and
 net-prunes every third, sca recomputes its channel masks every epoch, dynsnn updates its unit masks every 100 steps
-after one warm-up epoch). All trainers are built first and then advanced one epoch at a time, the method order
-rotated every epoch, so every epoch index is measured side by side (interleaved repeats). Each method's trainer
-lives in its own process (one computes at a time), so their heaps cannot disturb each other.
+after one warm-up epoch). All trainers are built first and then advanced side by side in chunks of ``--chunk``
+steps (20), taking turns, the order rotated every round: this VM's speed drifts by up to 25% over tens of seconds,
+which whole-epoch turns (10-30 s each) turned into ratios off by as much, while 0.5-s turns see the same machine.
+Each method's trainer lives in its own process (one computes at a time), so their heaps cannot disturb each other;
+a trainer pauses inside its epoch (a callback after the step's own callbacks) and the pauses are not timed.
 
 Per epoch and method it times (a) the training steps (forward, backward, optimizer, the mask engine's gradient and
 weight masking, activity observers, unit-mask hooks and per-step callbacks such as dynsnn's updates) and (b) the
@@ -38,8 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import header  # noqa: E402  (same header: command, machine, date, load)
 
+from spikeprune.callbacks import Callback  # noqa: E402
 from spikeprune.config import RunConfig, from_dict  # noqa: E402
 from spikeprune.data import build_loaders  # noqa: E402
+from spikeprune.graph import SYNAPTIC  # noqa: E402
 from spikeprune.layers import Linear  # noqa: E402
 from spikeprune.train import Trainer  # noqa: E402
 
@@ -65,16 +69,40 @@ def sync(trainer: Trainer) -> None:
         torch.cuda.synchronize(trainer.device)
 
 
-def run_epoch(tr: Trainer) -> tuple[float, float]:
-    """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (step seconds, epoch-end seconds)."""
+class Turns(Callback):
+    """Hands the CPU back every ``chunk`` steps: reports the seconds computed since its last turn began and waits
+    for the next turn. The last callback of the trainer, so each step's own callbacks are inside the timed turn."""
+
+    def __init__(self, conn, chunk: int, steps: int):
+        self.conn, self.chunk, self.steps, self.t0 = conn, chunk, steps, 0.0
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step = trainer.step_in_epoch
+        if self.chunk and step % self.chunk == 0 and step < self.steps:
+            sync(trainer)
+            self.conn.send((time.perf_counter() - self.t0, 0.0, False))
+            assert self.conn.recv() == "go"
+            self.begin()
+
+
+def run_epoch(tr: Trainer, turns: Turns | None = None) -> tuple[float, float]:
+    """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (step seconds, epoch-end seconds),
+    the step seconds counted from the last turn's start when ``turns`` pauses the epoch."""
     for c in tr.callbacks:
         c.on_epoch_start(tr)
     sync(tr)
     t0 = time.perf_counter()
+    if turns is not None:
+        turns.begin()
     metrics = {"epoch": tr.epoch + 1}
     metrics.update(tr.train_epoch())
     sync(tr)
     t1 = time.perf_counter()
+    if turns is not None:
+        t0 = turns.t0
     for c in tr.callbacks:
         c.on_epoch_end(tr, metrics)
     sync(tr)
@@ -86,9 +114,23 @@ def run_epoch(tr: Trainer) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def density(tr: Trainer) -> float:
+@torch.no_grad()
+def state(tr: Trainer) -> tuple[float, list[float]]:
+    """The model's weight density and the input density (fraction non-zero) of each synaptic layer on one training
+    batch, in training mode: the spike-sparse ``Linear`` takes its faster path below 25%, so models that fire
+    less train faster whatever their bookkeeping."""
     engine = getattr(tr.method, "engine", None)
-    return engine.density() if engine is not None else 1.0
+    dens = engine.density() if engine is not None else 1.0
+    got: list[float] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: got.append(float((a[0] != 0).float().mean())))
+             for m in tr.net.modules() if isinstance(m, SYNAPTIC)]
+    x, _ = next(iter(tr.train_loader))
+    try:
+        tr.net(x.to(tr.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return dens, got
 
 
 def worker(method: str, model: str, args, conn) -> None:
@@ -107,9 +149,11 @@ def worker(method: str, model: str, args, conn) -> None:
         tr = make_trainer(method, model, args.T, loaders, args, tmp)
         for c in tr.callbacks:
             c.on_train_start(tr)
+        turns = Turns(conn, args.chunk, min(args.steps, len(loaders[0])))
+        tr.callbacks.append(turns)
         conn.send("ready")
         while (cmd := conn.recv()) != "stop":
-            conn.send(run_epoch(tr) if cmd == "epoch" else density(tr))
+            conn.send((*run_epoch(tr, turns), True) if cmd == "go" else state(tr))
 
 
 # spawned workers unpickle ``worker`` by module name: make it importable as this file's stem (the script's folder is
@@ -130,11 +174,22 @@ def measure_model(model: str, args) -> list[dict]:
         for m in methods:
             assert conns[m].recv() == "ready"
         times: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
-        for epoch in range(args.epochs):  # one process computes at a time; the order rotates every epoch
-            k = epoch % len(methods)
-            for m in methods[k:] + methods[:k]:
-                conns[m].send("epoch")
-                times[m].append(conns[m].recv())
+        turn = 0
+        for epoch in range(args.epochs):  # one process computes at a time, in turns; the order rotates every round
+            acc = {m: [0.0, 0.0] for m in methods}
+            running = list(methods)
+            while running:
+                k = turn % len(running)
+                for m in running[k:] + running[:k]:
+                    conns[m].send("go")
+                    step_s, end_s, done = conns[m].recv()
+                    acc[m][0] += step_s
+                    acc[m][1] += end_s
+                    if done:
+                        running.remove(m)
+                turn += 1
+            for m in methods:
+                times[m].append(tuple(acc[m]))
             print(f"{model} epoch {epoch + 1}/{args.epochs}: " + ", ".join(
                 f"{m} {sum(times[m][-1]):.2f}s" for m in methods), flush=True)
         dens = {}
@@ -157,14 +212,16 @@ def measure_model(model: str, args) -> list[dict]:
                      "epochs_measured": len(step_s), "step_s_per_epoch": round(statistics.median(step_s), 4),
                      "epoch_end_s": round(statistics.median(end_s), 4), "epoch_s": round(statistics.median(epochs), 4),
                      "ms_per_step": round(1e3 * statistics.median(step_s) / args.steps, 3),
-                     "first_epoch_s": round(sum(times[m][0]), 4), "final_density": round(dens[m], 4),
+                     "first_epoch_s": round(sum(times[m][0]), 4), "final_density": round(dens[m][0], 4),
+                     "input_density": " ".join(f"{d:.2f}" for d in dens[m][1]),
                      "epoch_times": " ".join(f"{t:.2f}" for t in epochs)})
     base = next((r for r in rows if r["method"] == "dense"), None)
     dense = [s + e for s, e in times["dense"][steady]] if base else []
     for r in rows:
-        r["ratio_vs_dense"] = round(r["epoch_s"] / base["epoch_s"], 3) if base else ""
-        if base:  # the same epoch index of each method ran side by side: its ratio, epoch by epoch
+        r["ratio_vs_dense"] = ""
+        if base:  # the same epoch index of each method ran side by side: its ratio, epoch by epoch, and their median
             per = [(s + e) / d for (s, e), d in zip(times[r["method"]][steady], dense)]
+            r["ratio_vs_dense"] = round(statistics.median(per), 3)
             r["ratio_range"] = f"{min(per):.2f}-{max(per):.2f}"
     return rows
 
@@ -172,16 +229,20 @@ def measure_model(model: str, args) -> list[dict]:
 def report(rows: list[dict], head: list[str]) -> str:
     lines = list(head) + [
         "Epoch time = training steps (incl. per-step bookkeeping) + epoch-end mask updates; median over the epochs "
-        "after the first (warm-up). Each method trains in its own process (its own heap), one process at a time. "
-        "Ratio = method / dense on the same model (1.00: free); range: the ratio of each epoch index, side by side.",
+        "after the first (warm-up). Each method trains in its own process (its own heap), one process at a time, in "
+        "turns of a few steps (see Setup). "
+        "Ratio = method / dense epoch time of the same epoch index (side by side), median over the measured epochs "
+        "(1.00: free); range: the smallest and largest of those ratios. Input density: fraction of non-zero inputs "
+        "of each synaptic layer on one training batch after the last epoch (a `Linear` below 25% takes the "
+        "spike-sparse path, so a model that fires less trains faster, whatever its bookkeeping).",
         "",
         "| model | method | ms / step | epoch-end updates (s) | epoch (s) | ratio vs dense | ratio range | "
-        "final density |",
-        "|---|---|---:|---:|---:|---:|---:|---:|"]
+        "final density | input density per layer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_step']:.2f} | {r['epoch_end_s']:.3f} | "
                      f"{r['epoch_s']:.2f} | {r['ratio_vs_dense']:.3f} | {r.get('ratio_range', '')} | "
-                     f"{100 * r['final_density']:.1f}% |")
+                     f"{100 * r['final_density']:.1f}% | {r['input_density']} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -193,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--steps", type=int, default=469, help="steps per epoch (469 = one Fashion-MNIST epoch at 128)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per method; the first is a warm-up")
+    p.add_argument("--chunk", type=int, default=20, help="steps per turn (0: whole epochs)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--data", default="synthetic", help="synthetic (Fashion-MNIST shape) or fashion_mnist")
@@ -221,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device.startswith("cuda") else "cpu")
     head = header("Sparse training cost: dense vs pq_rewire, sca, dynsnn", argv, device,
                   [f"- Setup: T={args.T}, batch {args.batch}, {args.steps} steps per epoch, {args.epochs} epochs "
-                   f"per method (first = warm-up), data {args.data}, Adam, methods at their default options; "
+                   f"per method (first = warm-up), turns of {args.chunk or 'whole-epoch'} steps, data {args.data}, "
+                   "Adam, methods at their default options; "
                    + ("every Linear dense (`--dense-linear`)" if args.dense_linear else
                       "spikeprune's default Linear (spike-sparse path below 25% input density)")],
                   script=__file__)

@@ -277,7 +277,7 @@ def test_stateful_calls_equal_one_long_call():
 def multistep(x, k, v0, kind, v_reset, decay_input, need_k_grad):
     """Membrane and last state only: with detached resets these are piecewise linear in (x, k, v0), so the
     backward must equal the true derivative (the surrogate never enters)."""
-    _, h, v = _MultiStep.apply(x, k, v0, kind, 1.0, v_reset, decay_input, True, ATan(), need_k_grad)
+    _, h, v, _ = _MultiStep.apply(x, k, v0, kind, 1.0, v_reset, decay_input, True, ATan(), need_k_grad)
     return h, v
 
 
@@ -527,3 +527,95 @@ def test_failed_kernel_build_falls_back_to_eager_with_a_warning(monkeypatch):
     x = random_input("lif", 4, 3, 5).detach()
     with torch.no_grad():
         assert torch.equal(LIF()(x), reference(LIF(), x))
+
+
+# ------------------------------------------------------------------------------------ folded unit gates
+def _gate_input(layout: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if layout == "fc":
+        return torch.randn(3, 4, 5, generator=g) * 1.5
+    x = torch.randn(3, 4, 5, 3, 2, generator=g) * 1.5
+    if layout == "channels_last":  # each step channels-last, as spikeprune's Conv2d returns it
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 4))
+    return x
+
+
+@pytest.mark.parametrize("layout", ["fc", "conv", "channels_last"])
+@pytest.mark.parametrize("kind,v_reset,surrogate", [("lif", 0.0, "atan"), ("if", None, "sigmoid"),
+                                                     ("lif", None, "triangle")])
+def test_folded_gate_equals_a_product_after_the_neuron(backend, layout, kind, v_reset, surrogate):
+    # the gate inside the fused loops gives exactly the spikes and input gradient of ``neuron(x) * mask`` and, as the
+    # gate's gradient, sum dL/dy * S over all but the unit dim (S: the spikes before the gate)
+    from spikeprune.neurons import set_unit_gate, unit_gate
+
+    x = _gate_input(layout)
+    mask = torch.tensor([True, False, True, True, False])
+    dims = [d for d in range(x.dim()) if d != 2]
+    w = torch.linspace(-1, 2, x[0].numel()).view(x[0].shape)
+    make = (lambda: LIF(v_reset=v_reset, surrogate=surrogate)) if kind == "lif" else (
+        lambda: IF(v_reset=v_reset, surrogate=surrogate))
+
+    plain = make()
+    x1 = x.clone().requires_grad_()
+    s1 = plain(x1)
+    y1 = s1 * mask.float().view(-1, *([1] * (x.dim() - 3)))
+    (y1 * w).sum().backward()
+
+    gated, sink = make(), []
+    set_unit_gate(gated, lambda: (mask, sink.append))
+    assert unit_gate(gated) is not None
+    x2 = x.clone().requires_grad_()
+    y2 = gated(x2)
+    (y2 * w).sum().backward()
+    assert torch.equal(y2, y1) and y2.stride() == y1.stride()
+    assert torch.equal(x2.grad, x1.grad)
+    assert len(sink) == 1
+    want = (w * s1.detach()).sum(dims)  # dL/dy = w at every step
+    torch.testing.assert_close(sink[0], want, rtol=1e-6, atol=1e-6)
+    assert sink[0][1] != 0 or want[1] == 0  # a closed unit still gets its gate's gradient
+
+    set_unit_gate(gated, None)
+    assert unit_gate(gated) is None
+    assert torch.equal(gated(x), plain(x))  # no gate: the neuron's own spikes
+
+
+def test_folded_gate_stays_out_of_copies_and_no_grad_runs(backend):
+    import copy
+
+    from spikeprune.neurons import set_unit_gate, unit_gate
+
+    x = _gate_input("conv")
+    mask = torch.tensor([False, True, True, True, True])
+    n = LIF()
+    set_unit_gate(n, lambda: (mask, None))
+    with torch.no_grad():  # the fast path without a graph is gated too
+        assert torch.all(n(x)[:, :, 0] == 0)
+    assert unit_gate(copy.deepcopy(n)) is None
+
+
+@pytest.mark.parametrize("layout", ["fc", "channels_last"])
+def test_observer_unit_stats_are_the_pre_gate_sums(backend, layout):
+    # an observer flagged unit_stats gets [2, C]: per-unit sums of the spikes before the gate and of |H|
+    from spikeprune.neurons import set_unit_gate
+
+    x = _gate_input(layout)
+    ref, got = [], []
+    plain = LIF()
+    plain.observers.append(lambda m, s, h: ref.append((s.detach(), h.detach())))
+    plain(x)
+    s, h = ref[0]
+    dims = [d for d in range(x.dim()) if d != 2]
+
+    def obs(m, spikes, h, stats):
+        got.append((spikes, stats))
+    obs.unit_stats = 2
+    gated = LIF()
+    gated.observers.append(obs)
+    mask = torch.tensor([True, False, True, False, True])
+    set_unit_gate(gated, lambda: (mask, None))
+    gated(x.clone().requires_grad_())
+    spikes, stats = got[0]
+    assert stats.shape == (2, 5) and stats.dtype == torch.float64
+    torch.testing.assert_close(stats[0], s.sum(dims).double())
+    torch.testing.assert_close(stats[1], h.abs().double().sum(dims), rtol=1e-6, atol=1e-6)  # float sums, any order
+    assert stats[0][1] > 0 and torch.all(spikes[:, :, 1] == 0)  # masked unit: silent output, counted activity

@@ -53,7 +53,7 @@ from torch import nn
 from . import layers
 from ._ext import kernels_for
 from .graph import probe
-from .neurons import BaseNeuron, _coeffs
+from .neurons import BaseNeuron, _coeffs, unit_gate
 
 __all__ = ["EventLinear", "EventConv2d", "EventChain", "to_event_driven", "event_layers", "event_report",
            "check_network", "compile_chain", "LINEAR_MODES", "CONV_MODES"]
@@ -564,7 +564,7 @@ class EventChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params)):
             return self.body(x)
-        ext = None if any(m.observers for m in self._neurons) else kernels_for(x)
+        ext = None if any(m.observers or unit_gate(m) is not None for m in self._neurons) else kernels_for(x)
         if ext is None:
             return self.body(x)
         return ext.chain_run(self._chain_id(ext), x)

@@ -17,8 +17,12 @@ one call into the compiled kernel of :mod:`spikeprune._ext` (all T steps per blo
 stays in cache), with the eager loops as the fallback when it cannot be built. :func:`reference_multistep` is the
 plain step-by-step loop, kept as the ground truth for tests.
 
-Observers (``neuron.observers``) receive ``(module, spikes, membrane)`` right after each forward, before any
-neuron mask is applied; nothing is stored when no observer is attached.
+Observers (``neuron.observers``) receive ``(module, spikes, membrane)`` right after each forward; nothing is stored
+when no observer is attached. A unit gate (:func:`set_unit_gate`, the mask engine's unit masks) is folded into the
+fused loops: the spikes leave the neuron gated and their gradient is gated on the way back, with no pass of its own;
+an observer with ``unit_stats = 1`` (or 2) also receives the per-unit sums ``[1, C]`` (float64) of the *pre-gate* spikes
+(and, as a second row, of ``|H|``), counted inside the fused loop: a masked neuron keeps integrating, so its activity
+can bring it back.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ._ext import kernels_for, t_major_dense
+from .perf import unit_sums
 
 __all__ = [
     "Surrogate", "ATan", "Sigmoid", "Triangle", "SURROGATES", "make_surrogate",
     "BaseNeuron", "LIF", "IF", "PLIF", "NEURONS", "make_neuron", "reference_multistep", "is_neuron",
-    "use_compile",
+    "use_compile", "set_unit_gate", "unit_gate",
 ]
 
 
@@ -281,60 +287,111 @@ def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
     return torch.empty_like(ref).copy_(t)
 
 
-def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = True):
-    """:func:`_forward_loop` through the compiled CPU kernel when it applies (constant decay), else eagerly."""
+def _unit_view(gate: torch.Tensor, dim: int) -> torch.Tensor:
+    """A ``[C]`` gate shaped to broadcast over ``[T, B, C, ...]`` (the last dim of a ``[T, C]`` tensor)."""
+    return gate.view(-1, *([1] * (dim - 3))) if dim >= 3 else gate
+
+
+def _units_ok(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels can find the units (dim 2) of ``x`` (steps contiguous or channels-last)."""
+    step = x[0]
+    return x.dim() >= 3 and (step.is_contiguous() or (step.dim() == 4 and step.is_contiguous(
+        memory_format=torch.channels_last)))
+
+
+def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = True, gate=None, stats: int = 0):
+    """:func:`_forward_loop` through the compiled CPU kernel when it applies (constant decay), else eagerly:
+    ``(spikes, H or None, last V, unit sums or None)``. ``gate`` [C] multiplies the spikes of each unit (dim 2);
+    ``stats`` 1 or 2 (needs ``keep_membrane``) returns the per-unit sums ``[stats, C]`` (float64) of the pre-gate
+    spikes and, with 2, of ``|H|``."""
     ext = kernels_for(x) if not torch.is_tensor(k) else None
+    if ext is not None and (gate is not None or stats) and not _units_ok(x if t_major_dense(x, broadcast=True)
+                                                                           else x.contiguous()):
+        ext = None
     if ext is None:
-        return _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
+        s, h, v = _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
+        st = torch.stack([unit_sums(s, "sum"), unit_sums(h, "abs")][:stats]).double() if stats else None
+        return (s if gate is None else s * _unit_view(gate, s.dim())), h, v, st
     a, b = _coeffs(kind, k, decay_input)
     c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
     x = x if t_major_dense(x, broadcast=True) else x.contiguous()
     v0 = None if v0 is None else _like(v0, x[0])
-    s, h, v = ext.lif_forward(x, v0, float(a), float(b), float(c), kind != "if" and decay_input, float(k), v_th,
-                              0.0 if v_reset is None else v_reset, v_reset is not None, keep_membrane)
-    return s, (h if keep_membrane else None), v
+    s, h, v, st = ext.lif_forward(x, v0, float(a), float(b), float(c), kind != "if" and decay_input, float(k), v_th,
+                                  0.0 if v_reset is None else v_reset, v_reset is not None, keep_membrane,
+                                  gate, int(stats))
+    return s, (h if keep_membrane else None), v, (st if stats else None)
 
 
-def _backward_cpp(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate, need_v0_grad):
-    """:func:`_backward_steps` through the compiled CPU kernel; ``None`` when it does not apply."""
+def _backward_cpp(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate, need_v0_grad,
+                  gate=None, gate_grad: bool = False):
+    """:func:`_backward_steps` through the compiled CPU kernel, ``(dX, dV0, gate gradient)``; ``None`` when it does
+    not apply. With ``gate``, ``g_s`` is the gradient of the gated spikes."""
     code = _SURROGATE_CODES.get(type(surrogate))
     ext = kernels_for(h_seq) if code is not None else None
-    if ext is None or not t_major_dense(h_seq):
+    if ext is None or not t_major_dense(h_seq) or (gate is not None and not _units_ok(h_seq)):
         return None
     a, b = _coeffs(kind, k, decay_input)
-    g_x = ext.lif_backward(h_seq, _like(g_s, h_seq), _like(g_h_out, h_seq), _like(g_v_last, h_seq[0]), float(a),
-                           float(b), v_th, v_reset is not None, code, surrogate.alpha)
-    return g_x, (g_x[0] * (a / b) if need_v0_grad else None)
+    g_x, dot = ext.lif_backward(h_seq, _like(g_s, h_seq), _like(g_h_out, h_seq), _like(g_v_last, h_seq[0]),
+                                float(a), float(b), v_th, v_reset is not None, code, surrogate.alpha, gate,
+                                gate_grad)
+    return g_x, (g_x[0] * (a / b) if need_v0_grad else None), (dot if gate_grad else None)
+
+
+def _gate_grad_eager(g_s, h_seq, gate, v_th, want_dot: bool):
+    """Eager gate of a spike gradient: ``(g_s * gate, sum g_s * [H >= V_th] per unit or None)``."""
+    if g_s is None:
+        return None, (torch.zeros_like(gate) if want_dot else None)
+    dot = unit_sums(g_s, "dot", (h_seq >= v_th).to(g_s.dtype)) if want_dot else None
+    return g_s * _unit_view(gate, g_s.dim()), dot
 
 
 class _MultiStep(torch.autograd.Function):
     """Forward over all T steps without a graph; backward is the BPTT recursion."""
 
     @staticmethod
-    def forward(ctx, x, k, v0, kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad):
+    def forward(ctx, x, k, v0, kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad, gate=None,
+                on_gate=None, stats=0):
         ctx.set_materialize_grads(False)
-        s_seq, h_seq, v = _forward(x, k, v0, kind, v_th, v_reset, decay_input)
+        s_seq, h_seq, v, st = _forward(x, k, v0, kind, v_th, v_reset, decay_input, True, gate, stats)
         # a constant decay stays a Python float: a float32 copy would make float64 gradients inexact
-        ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else None, v0)
+        ctx.save_for_backward(h_seq, k if torch.is_tensor(k) else None, v0, gate)
         ctx.k_const = None if torch.is_tensor(k) else float(k)
         ctx.cfg = (kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad)
-        return s_seq, h_seq, v
+        ctx.on_gate = on_gate  # receives the gate gradient sum dL/dS * S_pre per unit in the backward
+        st = x.new_empty(0) if st is None else st
+        ctx.mark_non_differentiable(st)
+        return s_seq, h_seq, v, st
 
     @staticmethod
-    def backward(ctx, g_s, g_h_out, g_v_last):
-        h_seq, k, v0 = ctx.saved_tensors
+    def backward(ctx, g_s, g_h_out, g_v_last, _):
+        h_seq, k, v0, gate = ctx.saved_tensors
         if k is None:
             k = ctx.k_const
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
+        want_dot = ctx.on_gate is not None
+        res = g_k = None
         if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
             args = (h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate,
                     ctx.needs_input_grad[2])
-            g_x, g_v0 = _backward_cpp(*args) or _backward_steps(*args)
-            return g_x, None, g_v0, None, None, None, None, None, None, None
-        _, bwd = _loops(h_seq)
-        g_x, g_k, g_v0 = bwd(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, detach_reset,
-                             surrogate, need_k_grad, ctx.needs_input_grad[2])
-        return g_x, g_k, g_v0, None, None, None, None, None, None, None
+            res = _backward_cpp(*args, gate, want_dot and g_s is not None)
+        if res is not None:
+            g_x, g_v0, dot = res
+            if want_dot and dot is None:  # no spike gradient reached this layer
+                dot = torch.zeros_like(gate)
+        else:
+            dot = None
+            if gate is not None:
+                g_s, dot = _gate_grad_eager(g_s, h_seq, gate, v_th, want_dot)
+            if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
+                g_x, g_v0 = _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input,
+                                            surrogate, ctx.needs_input_grad[2])
+            else:
+                g_x, g_k, g_v0 = _loops(h_seq)[1](h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset,
+                                                  decay_input, detach_reset, surrogate, need_k_grad,
+                                                  ctx.needs_input_grad[2])
+        if want_dot:
+            ctx.on_gate(dot)
+        return g_x, g_k, g_v0, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------- CUDA: torch.compile
@@ -425,6 +482,25 @@ def reference_multistep(x, kind, k, v_th, v_reset, decay_input, detach_reset, su
 
 
 # ------------------------------------------------------------------------------------------------ modules
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # neuron -> its unit gate provider
+
+
+def set_unit_gate(neuron: nn.Module, provider: Callable[[], tuple] | None) -> None:
+    """Fold a unit gate into ``neuron`` (a :class:`BaseNeuron`): ``provider()`` returns ``(mask [C], on_gate)`` at
+    every forward; the output spikes of unit ``c`` are multiplied by ``mask[c]`` and, when ``on_gate`` is not
+    ``None``, the backward calls it with ``sum dL/dS * S_pre`` per unit (the gate's gradient). Kept outside the
+    module (copies and pickles of the neuron are not gated, like hooks); ``None`` removes it."""
+    if provider is None:
+        _GATES.pop(neuron, None)
+    else:
+        _GATES[neuron] = provider
+
+
+def unit_gate(neuron: nn.Module) -> Callable[[], tuple] | None:
+    """The unit gate provider folded into ``neuron`` (see :func:`set_unit_gate`), or ``None``."""
+    return _GATES.get(neuron)
+
+
 class BaseNeuron(nn.Module):
     """Multi-step spiking neuron. Input and output are ``[T, B, ...]``; state is reset every call
     unless ``stateful=True`` (then call :meth:`reset` yourself between samples)."""
@@ -468,21 +544,31 @@ class BaseNeuron(nn.Module):
         need_k_grad = torch.is_tensor(k) and k.requires_grad
         if torch.is_tensor(k):
             k = k.to(x.dtype)
-        if not self.observers and not (torch.is_grad_enabled() and (x.requires_grad or need_k_grad)):
+        gate = on_gate = None
+        provider = _GATES.get(self)
+        if provider is not None:
+            mask, on_gate = provider()
+            gate = mask.to(x.dtype)
+        grad = torch.is_grad_enabled() and (x.requires_grad or need_k_grad)
+        if not self.observers and not grad:
             # nothing will differentiate or look at the membrane: no [T, B, ...] membrane buffer, no graph (nothing
             # here requires grad, so no no_grad context is needed, which saves microseconds at batch 1)
-            spikes, _, v_last = _forward(x, k.detach() if torch.is_tensor(k) else k, v0, self.kind,
-                                         self.v_threshold, self.v_reset, self.decay_input, False)
+            spikes, _, v_last, _ = _forward(x, k.detach() if torch.is_tensor(k) else k, v0, self.kind,
+                                            self.v_threshold, self.v_reset, self.decay_input, False, gate)
             if self.stateful:
                 self.v = v_last
             return spikes
-        spikes, membrane, v_last = _MultiStep.apply(
+        stats = max((int(getattr(o, "unit_stats", 0)) for o in self.observers), default=0) if x.dim() >= 3 else 0
+        spikes, membrane, v_last, st = _MultiStep.apply(
             x, k, v0, self.kind, self.v_threshold, self.v_reset, self.decay_input, self.detach_reset,
-            self.surrogate, need_k_grad)
+            self.surrogate, need_k_grad, gate, on_gate if grad else None, stats)
         if self.stateful:
             self.v = v_last.detach()
         for obs in self.observers:
-            obs(self, spikes, membrane)
+            if getattr(obs, "unit_stats", False):
+                obs(self, spikes, membrane, st if stats else None)
+            else:
+                obs(self, spikes, membrane)
         return spikes
 
     def extra_repr(self) -> str:

@@ -76,9 +76,11 @@ enum Charge { AFFINE = 0, LERP_SMALL = 1, LERP_LARGE = 2 };
 
 // One block of n neurons through all T steps. Every flag is a template parameter and every pointer restrict, so
 // the step loops are branch-free and vectorise (a data-dependent branch on the spike would mispredict).
-template <typename T, int CH, bool HARD, bool KEEP>
+// With GATE, each output spike is multiplied by its unit's gate G[i] (the unit mask, folded in: no pass of its own);
+// with STATS 1 (2), each neuron's pre-gate spikes (and |H|) are summed over the T steps into CNT (and ABS).
+template <typename T, int CH, bool HARD, bool KEEP, bool GATE, int STATS>
 void forward_block(const T* X, int64_t xs, const T* V0, T* __restrict V, T* S, T* H, int64_t T_, int64_t N, int64_t n,
-                   T a, T b, T c, T k, T th, T vr) {
+                   T a, T b, T c, T k, T th, T vr, const T* __restrict G, T* __restrict CNT, T* __restrict ABS) {
   T* __restrict v = V;
   for (int64_t t = 0; t < T_; ++t) {
     const T* __restrict x = X + t * xs;
@@ -94,44 +96,169 @@ void forward_block(const T* X, int64_t xs, const T* V0, T* __restrict V, T* S, T
       else hv = a * v[i] + b * x[i] + c;
       const bool fire = hv >= th;
       if (KEEP) h[i] = hv;
-      s[i] = fire ? T(1) : T(0);
+      s[i] = fire ? (GATE ? G[i] : T(1)) : T(0);
       v[i] = HARD ? (fire ? vr : hv) : (fire ? hv - th : hv);
+      if constexpr (STATS >= 1) CNT[i] += fire ? T(1) : T(0);
+      if constexpr (STATS == 2) ABS[i] += std::abs(hv);
     }
   }
 }
 
-template <typename T, int CH, bool HARD, bool KEEP>
+// Per-unit work of a neuron layer whose units are dim 1 of each step (a step's element j is unit (j / sc) % C):
+// the gate values [C] (or null) and per-thread sums (or null). With sc == 1 (fully connected, channels-last) the
+// units repeat every C elements: gtile is the gate repeated to C + BLOCK values, so a block's gate is a view, and
+// the sums are accumulated position by position in rows of W = C + BLOCK, folded by unit at the end; otherwise
+// (contiguous conv) each unit is a run of sc elements: gate filled and sums taken run by run, W = C. No division
+// per element: a 64-bit one per element made the gate cost as much as the neuron.
+template <typename T>
+struct Units {
+  const T* gate = nullptr;
+  const T* gtile = nullptr;
+  double* sums = nullptr;  // [threads, rows, W]
+  int64_t C = 1, sc = 1, W = 1;
+
+  const T* block_gate(int64_t i0, int64_t n, T* buf) const {
+    if (sc == 1) return gtile + i0 % C;
+    int64_t c = (i0 / sc) % C, r = i0 % sc;
+    for (int64_t i = 0; i < n; r = 0, c = c + 1 == C ? 0 : c + 1) {
+      const int64_t len = std::min(sc - r, n - i);
+      std::fill(buf + i, buf + i + len, gate[c]);
+      i += len;
+    }
+    return buf;
+  }
+
+  void add(int64_t i0, int64_t n, const T* __restrict vals, double* __restrict acc) const {
+    if (sc == 1) {
+      double* __restrict a = acc + i0 % C;
+      for (int64_t i = 0; i < n; ++i) a[i] += vals[i];
+      return;
+    }
+    int64_t c = (i0 / sc) % C, r = i0 % sc;
+    for (int64_t i = 0; i < n; r = 0, c = c + 1 == C ? 0 : c + 1) {
+      const int64_t len = std::min(sc - r, n - i);
+      T sum = T(0);
+      for (int64_t k = 0; k < len; ++k) sum += vals[i + k];
+      acc[c] += sum;
+      i += len;
+    }
+  }
+};
+
+// C and sc of a [T, B, C, ...] tensor's steps (contiguous or channels-last), for Units.
+std::pair<int64_t, int64_t> unit_layout(const at::Tensor& x) {
+  const at::Tensor step = x[0];
+  TORCH_CHECK(step.dim() >= 2, "per-unit work needs [T, B, C, ...]");
+  TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "each step must be contiguous or channels-last");
+  return {step.size(1), step.stride(1)};
+}
+
+// Units for x's steps with an optional gate and rows of per-thread sums; tile and part hold what it points to.
+template <typename T>
+Units<T> make_units(const at::Tensor& x, const c10::optional<at::Tensor>& gate, int64_t rows, std::vector<T>& tile,
+                    std::vector<double>& part) {
+  Units<T> un;
+  const bool gated = gate.has_value() && gate->defined();
+  if (!gated && rows == 0) return un;
+  std::tie(un.C, un.sc) = unit_layout(x);
+  if (gated) {
+    TORCH_CHECK(gate->numel() == un.C && gate->is_contiguous() && gate->scalar_type() == x.scalar_type(),
+                "gate must be a contiguous [C] tensor of the neuron's dtype");
+    un.gate = gate->data_ptr<T>();
+    if (un.sc == 1) {
+      tile.resize(un.C + BLOCK);
+      for (size_t j = 0; j < tile.size(); ++j) tile[j] = un.gate[j % un.C];
+      un.gtile = tile.data();
+    }
+  }
+  un.W = un.sc == 1 ? un.C + BLOCK : un.C;
+  if (rows > 0) {
+    part.assign(static_cast<size_t>(at::get_num_threads()) * rows * un.W, 0.0);
+    un.sums = part.data();
+  }
+  return un;
+}
+
+// Fold the per-thread accumulators of Units::sums into [rows, C] of dtype.
+template <typename T>
+at::Tensor unit_totals(const Units<T>& un, const std::vector<double>& part, int64_t rows, at::ScalarType dtype) {
+  at::Tensor out = at::zeros({rows, un.C}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const int64_t threads = static_cast<int64_t>(part.size()) / (rows * un.W);
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* p = part.data() + (t * rows + r) * un.W;
+      double* out_row = o + r * un.C;
+      for (int64_t j0 = 0; j0 < un.W; j0 += un.C)  // W is C, or C + BLOCK folded in strides of C
+        for (int64_t j = j0; j < std::min(un.W, j0 + un.C); ++j) out_row[j - j0] += p[j];
+    }
+  return out.to(dtype);
+}
+
+template <typename T, int CH, bool HARD, bool KEEP, bool GATE, int STATS>
 void forward_all(const T* X, int64_t xs, const T* V0, T* V, T* S, T* H, int64_t T_, int64_t N, T a, T b, T c, T k,
-                 T th, T vr) {
+                 T th, T vr, const Units<T>& un) {
+  constexpr bool stats = STATS > 0;
   at::parallel_for(0, N, BLOCK, [&](int64_t begin, int64_t end) {
+    std::vector<T> g(GATE && un.sc != 1 ? BLOCK : 0), cnt(stats ? BLOCK : 0), ab(STATS == 2 ? BLOCK : 0);
+    double* acc = stats ? un.sums + STATS * un.W * at::get_thread_num() : nullptr;
     for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
       const int64_t n = std::min(end, i0 + BLOCK) - i0;
-      forward_block<T, CH, HARD, KEEP>(X + i0, xs, V0 ? V0 + i0 : nullptr, V + i0, S + i0, KEEP ? H + i0 : nullptr,
-                                       T_, N, n, a, b, c, k, th, vr);
+      const T* G = GATE ? un.block_gate(i0, n, g.data()) : nullptr;
+      if (stats) {
+        std::fill(cnt.begin(), cnt.end(), T(0));
+        std::fill(ab.begin(), ab.end(), T(0));
+      }
+      forward_block<T, CH, HARD, KEEP, GATE, STATS>(X + i0, xs, V0 ? V0 + i0 : nullptr, V + i0, S + i0,
+                                             KEEP ? H + i0 : nullptr, T_, N, n, a, b, c, k, th, vr, G,
+                                             cnt.data(), ab.data());
+      if (stats) un.add(i0, n, cnt.data(), acc);
+      if (STATS == 2) un.add(i0, n, ab.data(), acc + un.W);
     }
   });
 }
 
 // Runtime flags to one of the template instances.
 template <typename T, int CH>
-void forward_dispatch(bool hard, bool keep, const T* X, int64_t xs, const T* V0, T* V, T* S, T* H, int64_t T_,
-                      int64_t N, T a, T b, T c, T k, T th, T vr) {
-  if (hard && keep) forward_all<T, CH, true, true>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr);
-  else if (hard) forward_all<T, CH, true, false>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr);
-  else if (keep) forward_all<T, CH, false, true>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr);
-  else forward_all<T, CH, false, false>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr);
+void forward_dispatch(bool hard, bool keep, int stats, const T* X, int64_t xs, const T* V0, T* V, T* S, T* H, int64_t T_,
+                      int64_t N, T a, T b, T c, T k, T th, T vr, const Units<T>& un) {
+  auto go = [&](auto hard_, auto keep_, auto stats_) {
+    constexpr bool HD = decltype(hard_)::value, KP = decltype(keep_)::value;
+    constexpr int ST = decltype(stats_)::value;
+    if (un.gate) forward_all<T, CH, HD, KP, true, ST>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr, un);
+    else forward_all<T, CH, HD, KP, false, ST>(X, xs, V0, V, S, H, T_, N, a, b, c, k, th, vr, un);
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  using none = std::integral_constant<int, 0>;
+  using spikes = std::integral_constant<int, 1>;
+  using both = std::integral_constant<int, 2>;
+  // lif_forward allows stats only with keep
+  if (hard && stats == 2) go(yes{}, yes{}, both{});
+  else if (hard && stats == 1) go(yes{}, yes{}, spikes{});
+  else if (hard && keep) go(yes{}, yes{}, none{});
+  else if (hard) go(yes{}, no{}, none{});
+  else if (stats == 2) go(no{}, yes{}, both{});
+  else if (stats == 1) go(no{}, yes{}, spikes{});
+  else if (keep) go(no{}, yes{}, none{});
+  else go(no{}, no{}, none{});
 }
 
 }  // namespace
 
-// Returns {spikes [T, ...], pre-spike membrane H [T, ...] (empty when keep_membrane is false), last V [...]}.
+// Returns {spikes [T, ...], pre-spike membrane H [T, ...] (empty when keep_membrane is false), last V [...],
+// per-unit sums [stats, C] of the pre-gate spikes (stats 1) and of |H| (stats 2; needs keep_membrane; else empty)}.
+// gate [C] (x's dtype): each unit's output spikes are multiplied by it (units: dim 2 of x, see unit_layout).
 std::vector<at::Tensor> lif_forward(const at::Tensor& x, const c10::optional<at::Tensor>& v0, double a, double b,
                                     double c, bool lerp, double k, double v_th, double v_reset, bool hard,
-                                    bool keep_membrane) {
+                                    bool keep_membrane, const c10::optional<at::Tensor>& gate, int64_t stats) {
   const int64_t xs = check_t_major(x, "x", true);
   const int64_t T = x.size(0);
   const int64_t N = x[0].numel();
+  TORCH_CHECK(stats >= 0 && stats <= 2 && (stats == 0 || keep_membrane), "stats is 0, 1 or 2 and needs keep_membrane");
   at::Tensor s = empty_steps(x);
+  at::Tensor st = at::empty({0}, x.options());
   at::Tensor h = keep_membrane ? empty_steps(x) : at::empty({0}, x.options());
   at::Tensor v = at::empty_like(x[0]);
   const bool has_v0 = v0.has_value() && v0->defined();
@@ -142,15 +269,19 @@ std::vector<at::Tensor> lif_forward(const at::Tensor& x, const c10::optional<at:
     const T_* X = x.data_ptr<T_>();
     const T_* V0 = has_v0 ? v0->data_ptr<T_>() : nullptr;
     T_* H = keep_membrane ? h.data_ptr<T_>() : nullptr;
+    std::vector<T_> tile;
+    std::vector<double> part;
+    const Units<T_> un = make_units<T_>(x, gate, stats, tile, part);
     auto run = [&](auto tag) {
-      forward_dispatch<T_, decltype(tag)::value>(hard, keep_membrane, X, xs, V0, v.data_ptr<T_>(), s.data_ptr<T_>(),
-                                                 H, T, N, a, b, c, k, v_th, v_reset);
+      forward_dispatch<T_, decltype(tag)::value>(hard, keep_membrane, static_cast<int>(stats), X, xs, V0, v.data_ptr<T_>(), s.data_ptr<T_>(),
+                                                 H, T, N, a, b, c, k, v_th, v_reset, un);
     };
     if (ch == AFFINE) run(std::integral_constant<int, AFFINE>{});
     else if (ch == LERP_SMALL) run(std::integral_constant<int, LERP_SMALL>{});
     else run(std::integral_constant<int, LERP_LARGE>{});
+    if (stats) st = unit_totals(un, part, stats, at::kDouble);
   });
-  return {s, h, v};
+  return {s, h, v, st};
 }
 
 namespace {
@@ -158,13 +289,20 @@ namespace {
 // out[t] = b dL/dH[t] backwards from T-1: out[t] = scale keep[t] next + b dL/dH[t] (direct) + b σ'(H[t] - V_th)
 // dL/dS[t], next = out[t + 1] (scale a) or dL/dV[T-1] (scale b), keep = [H < V_th] for a hard reset, else 1.
 // Absent gradients (no dL/dS, no dL/dV[T-1]) read a block of zeros, so the loop has no branches.
-template <typename T, int SG, bool HARD>
+// With GATE, dL/dS arrives for the gated spikes: each neuron's is multiplied by its unit's gate, and with un.sums the
+// gate gradient sum dL/dS * [H >= V_th] (the pre-gate spikes) is summed per unit, per thread.
+template <typename T, int SG, bool HARD, bool GATE>
 void backward_all(const T* H, const T* GS, const T* GH, const T* GV, T* OUT, int64_t T_, int64_t N, T a, T b, T th,
-                  T alpha) {
+                  T alpha, const Units<T>& un) {
+  const bool dot = GATE && un.sums != nullptr && GS != nullptr;
   at::parallel_for(0, N, BLOCK, [&](int64_t begin, int64_t end) {
     std::vector<T> zeros((GS && GV) ? 0 : BLOCK, T(0));
+    std::vector<T> gbuf(GATE && un.sc != 1 ? BLOCK : 0), acc(dot ? BLOCK : 0);
+    double* part = dot ? un.sums + un.W * at::get_thread_num() : nullptr;
     for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
       const int64_t n = std::min(end, i0 + BLOCK) - i0;
+      const T* __restrict gm = GATE ? un.block_gate(i0, n, gbuf.data()) : nullptr;
+      if (dot) std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t t = T_ - 1; t >= 0; --t) {
         const T* __restrict ht = H + t * N + i0;
         const T* __restrict gs = GS ? GS + t * N + i0 : zeros.data();
@@ -174,31 +312,40 @@ void backward_all(const T* H, const T* GS, const T* GH, const T* GV, T* OUT, int
         for (int64_t i = 0; i < n; ++i) {
           const T carry = nxt[i] * scale;
           const T g = HARD ? (ht[i] < th ? carry : T(0)) : carry;
-          ot[i] = g + b * surrogate_grad<T, SG>(ht[i] - th, alpha) * gs[i];
+          ot[i] = g + b * surrogate_grad<T, SG>(ht[i] - th, alpha) * (GATE ? gs[i] * gm[i] : gs[i]);
         }
+        if (dot)
+          for (int64_t i = 0; i < n; ++i) acc[i] += ht[i] >= th ? gs[i] : T(0);
         if (GH) {
           const T* __restrict gh = GH + t * N + i0;
           for (int64_t i = 0; i < n; ++i) ot[i] += b * gh[i];
         }
       }
+      if (dot) un.add(i0, n, acc.data(), part);
     }
   });
 }
 
 template <typename T, int SG>
 void backward_dispatch(bool hard, const T* H, const T* GS, const T* GH, const T* GV, T* OUT, int64_t T_, int64_t N,
-                       T a, T b, T th, T alpha) {
-  if (hard) backward_all<T, SG, true>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha);
-  else backward_all<T, SG, false>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha);
+                       T a, T b, T th, T alpha, const Units<T>& un) {
+  if (hard && un.gate) backward_all<T, SG, true, true>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha, un);
+  else if (hard) backward_all<T, SG, true, false>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha, un);
+  else if (un.gate) backward_all<T, SG, false, true>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha, un);
+  else backward_all<T, SG, false, false>(H, GS, GH, GV, OUT, T_, N, a, b, th, alpha, un);
 }
 
 }  // namespace
 
-// BPTT of lif_forward for a detached reset and a constant decay: returns dL/dX (dL/dV0 = dL/dX[0] a / b).
-at::Tensor lif_backward(const at::Tensor& h, const c10::optional<at::Tensor>& g_s, const c10::optional<at::Tensor>& g_h,
-                        const c10::optional<at::Tensor>& g_v_last, double a, double b, double v_th, bool hard,
-                        int64_t surrogate, double alpha) {
+// BPTT of lif_forward for a detached reset and a constant decay: returns {dL/dX (dL/dV0 = dL/dX[0] a / b), the gate
+// gradient [C] (with gate and gate_grad; else empty)}. With gate, g_s is the gradient of the gated spikes.
+std::vector<at::Tensor> lif_backward(const at::Tensor& h, const c10::optional<at::Tensor>& g_s,
+                                     const c10::optional<at::Tensor>& g_h, const c10::optional<at::Tensor>& g_v_last,
+                                     double a, double b, double v_th, bool hard, int64_t surrogate, double alpha,
+                                     const c10::optional<at::Tensor>& gate, bool gate_grad) {
   check_t_major(h, "h");
+  TORCH_CHECK(!gate_grad || (gate.has_value() && gate->defined()), "gate_grad needs a gate");
+  at::Tensor dot = at::empty({0}, h.options());
   const int64_t T = h.size(0);
   const int64_t N = h[0].numel();
   const bool has_s = g_s.has_value() && g_s->defined(), has_h = g_h.has_value() && g_h->defined();
@@ -215,11 +362,16 @@ at::Tensor lif_backward(const at::Tensor& h, const c10::optional<at::Tensor>& g_
     const T_* GH = has_h ? g_h->data_ptr<T_>() : nullptr;
     const T_* GV = has_v ? g_v_last->data_ptr<T_>() : nullptr;
     T_* OUT = out.data_ptr<T_>();
-    if (surrogate == ATAN) backward_dispatch<T_, ATAN>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha);
-    else if (surrogate == SIGMOID) backward_dispatch<T_, SIGMOID>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha);
-    else backward_dispatch<T_, TRIANGLE>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha);
+    std::vector<T_> tile;
+    std::vector<double> part;
+    const Units<T_> un = make_units<T_>(h, gate, gate_grad ? 1 : 0, tile, part);
+    if (surrogate == ATAN) backward_dispatch<T_, ATAN>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha, un);
+    else if (surrogate == SIGMOID)
+      backward_dispatch<T_, SIGMOID>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha, un);
+    else backward_dispatch<T_, TRIANGLE>(hard, H, GS, GH, GV, OUT, T, N, a, b, v_th, alpha, un);
+    if (gate_grad) dot = unit_totals(un, part, 1, h.scalar_type()).view({-1});
   });
-  return out;
+  return {out, dot};
 }
 
 namespace {
@@ -716,8 +868,9 @@ void unit_scale_kernel(const T* X, const T* M, T* Y, const T* S, int64_t total, 
         const int64_t base = p * period;
         if (sc == 1) {
           const T* __restrict x = X + base;
+          const T* __restrict mv = M;  // restrict: else GCC assumes y may alias the mask and does not vectorise
           T* __restrict y = Y + base;
-          for (int64_t c = 0; c < C; ++c) y[c] = x[c] * M[c];
+          for (int64_t c = 0; c < C; ++c) y[c] = x[c] * mv[c];
           if constexpr (DOT) {
             const T* __restrict sv = S + base;
             T* __restrict bk = blk.data();
@@ -813,7 +966,7 @@ at::Tensor chain_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
       }
       case 5:
         y = lif_forward(y, c10::nullopt, sc.at(0), sc.at(1), sc.at(2), sc.at(3) != 0, sc.at(4), sc.at(5), sc.at(6),
-                        sc.at(7) != 0, false)[0];
+                        sc.at(7) != 0, false, c10::nullopt, 0)[0];
         break;
       default: TORCH_CHECK(false, "unknown op kind ", kinds[i]);
     }

@@ -9,10 +9,11 @@
   gradients are 0, so their update stays exactly 0, and PyTorch's CPU ``sqrt`` is about 6x slower on exact zeros
   (measured), which made Adam's step 1.8x slower at 50% density (fc3's layers, one thread).
 * **Unit masks**: a bool buffer ``unit_mask`` on a spiking layer, one entry per neuron (FC) or channel (conv),
-  multiplied into its output spikes by a forward hook. The neuron keeps integrating behind the mask, so activity
-  statistics (gathered by observers *before* the mask) can bring it back. Unit masks imply zero fan-in rows and
-  fan-out columns; :meth:`MaskEngine.effective_weights` folds them in, :meth:`MaskEngine.remove` makes it
-  permanent.
+  multiplied into its output spikes: inside the fused loops of spikeprune's neurons
+  (:func:`~spikeprune.neurons.set_unit_gate`, no pass over the spikes of its own), by a forward hook on other
+  frameworks' neurons. The neuron keeps integrating behind the mask, so activity statistics (of the *pre-mask*
+  spikes) can bring it back. Unit masks imply zero fan-in rows and fan-out columns;
+  :meth:`MaskEngine.effective_weights` folds them in, :meth:`MaskEngine.remove` makes it permanent.
 * **Unit gradients**: with ``track_unit_grad`` the engine accumulates ``|∂L/∂g|`` of each unit's gate as if it
   were open (the RigL-style dense signal SCA regrows by); under DDP each step's signed gate gradient is averaged
   over ranks before its magnitude is accumulated, like DDP averages weight gradients.
@@ -31,7 +32,7 @@ from .. import dist
 from .._ext import kernels_for, t_major_dense
 from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
-from ..neurons import is_neuron
+from ..neurons import BaseNeuron, is_neuron, set_unit_gate
 from ..perf import unit_sums
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
@@ -87,7 +88,7 @@ class MaskEngine:
                 m.register_buffer("weight_mask", torch.ones_like(m.weight, dtype=torch.bool))
         self._example = example_input
         self._groups: list[UnitGroup] | None = None
-        self._unit_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._unit_hooks: dict[str, torch.utils.hooks.RemovableHandle | None] = {}  # None: gated inside the neuron
         self._opt_hooks: list = []
         self._steps = 0  # optimizer steps since attach (second moments of dead weights are re-parked every 4096)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -266,8 +267,16 @@ class MaskEngine:
                 dev = next(self.model.parameters()).device
                 mod.register_buffer("unit_mask", torch.ones(g.units, dtype=torch.bool, device=dev))
             if n not in self._unit_hooks:
-                self._unit_hooks[n] = mod.register_forward_hook(self._unit_hook(n, len(g.unit_shape)))
+                if isinstance(mod, BaseNeuron):  # gated inside the neuron's fused loops: no pass of its own
+                    set_unit_gate(mod, functools.partial(self._gate, n, mod))
+                    self._unit_hooks[n] = None
+                else:
+                    self._unit_hooks[n] = mod.register_forward_hook(self._unit_hook(n, len(g.unit_shape)))
         return names
+
+    def _gate(self, name: str, mod: nn.Module) -> tuple:
+        """What a spikeprune neuron's folded gate needs at each forward: its mask and the gate-gradient sink."""
+        return mod.unit_mask, (functools.partial(self._add_gate_grad, name) if self.track_unit_grad else None)
 
     def _unit_hook(self, name: str, feat_dims: int):
         def hook(mod, inputs, result):
@@ -389,8 +398,11 @@ class MaskEngine:
                         bn.weight[dead] = 0
                         bn.bias[dead] = 0
         self.detach_optimizer()
-        for h in self._unit_hooks.values():
-            h.remove()
+        for n, h in self._unit_hooks.items():
+            if h is None:
+                set_unit_gate(modules[n], None)
+            else:
+                h.remove()
         for n in list(self._unit_hooks):
             del modules[n]._buffers["unit_mask"]
         self._unit_hooks = {}

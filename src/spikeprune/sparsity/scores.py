@@ -107,23 +107,29 @@ class ActivityMonitor:
         return hook
 
     def _observer(self, name: str):
-        def obs(mod, spikes, membrane):
+        def obs(mod, spikes, membrane, stats=None):
             if mod.training:
-                self._update(name, spikes, membrane)
+                self._update(name, spikes, membrane, stats=stats)
+        # the neuron hands over per-unit sums of its pre-gate spikes (and |H|), counted in its fused loop
+        obs.unit_stats = 1 if self.what == "spikes" else 2
         return obs
 
     @torch.no_grad()
     def _update(self, name: str, spikes: torch.Tensor, membrane: torch.Tensor | None,
-                unit_dim: int | None = None) -> None:
+                unit_dim: int | None = None, stats: torch.Tensor | None = None) -> None:
         unit_dim = unit_dim if unit_dim is not None else (2 if spikes.dim() > 2 else 1)
         count = spikes.numel() // max(1, spikes.shape[unit_dim])
-        if self.what != "spikes" and membrane is None:
-            raise ValueError(f"activity {self.what!r} needs membrane potentials, which {name} does not expose")
-        val = 0
-        if self.what != "membrane":
-            val = unit_sums(spikes.float(), "sum", unit_dim=unit_dim) / count
-        if self.what != "spikes":
-            val = val + unit_sums(membrane.float(), "abs", unit_dim=unit_dim) / count
+        if stats is not None:  # [1 or 2, C]: sums of the pre-gate spikes (and of |membrane|)
+            val = {"spikes": stats[0], "membrane": stats[-1], "spikes+membrane": stats.sum(0)}[self.what]
+            val = (val / count).float()
+        else:
+            if self.what != "spikes" and membrane is None:
+                raise ValueError(f"activity {self.what!r} needs membrane potentials, which {name} does not expose")
+            val = 0
+            if self.what != "membrane":
+                val = unit_sums(spikes.float(), "sum", unit_dim=unit_dim) / count
+            if self.what != "spikes":
+                val = val + unit_sums(membrane.float(), "abs", unit_dim=unit_dim) / count
         prev = self.sum.get(name)
         if prev is not None and prev.device != val.device:  # loaded from a CPU checkpoint onto a GPU run
             self.sum[name] = prev.to(val.device)
