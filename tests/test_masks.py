@@ -258,6 +258,7 @@ def test_reattach_hooks_existing_unit_mask_buffers():
     assert eng2.unit_masks() == {}
     eng2.reattach()
     assert list(eng2.unit_masks()) == ["body.3"]
+    assert not fresh.body[3]._forward_hooks  # a spikeprune neuron: the gate is folded into it, no hook
     seen = []
     fresh.body[4].register_forward_pre_hook(lambda m, i: seen.append(i[0]))
     fresh(x)
@@ -296,6 +297,9 @@ def test_remove_makes_masks_permanent():
         assert torch.equal(mod.weight.detach(), eff[n])
     assert model.body[1].weight[1] == 0 and model.body[1].bias[1] == 0
     assert eng.layers == {} and eng.optimizer is None
+    from spikeprune.neurons import unit_gate
+
+    assert all(unit_gate(m) is None for m in model.modules())  # the folded gates are gone with the buffers
 
 
 def test_remove_without_example_input_or_units():
