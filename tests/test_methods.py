@@ -560,3 +560,42 @@ def test_dynsnn_reference_all_ignores_which_units_are_alive():
     assert m.engine.unit_mask("body.3").tolist() == [i >= 15.5 for i in range(32)]
     m.update()  # with reference "alive" the mean would now be 23.5 and more units would go; with "all" nothing moves
     assert int(m.engine.unit_mask("body.3").sum()) == 16
+
+
+def test_pq_rewire_momentum_runs_over_the_window_before_each_regrowth():
+    # β = 0.5: a window of 25 steps (0.5^25 < 2^-24); 40 steps per epoch, 3 epochs per iteration: epochs 0 and 1 end
+    # with a regrowth, epoch 2 with the net prune (no momentum read). At each regrowth the windowed average equals
+    # the average over every step within float32 rounding, and no step outside a window pays for it.
+    from spikeprune.sparsity.scores import GradientMomentum
+
+    class Recording(GradientMomentum):
+        def __call__(self, name, layer, grad):
+            steps.add((tr.epoch, tr.step_in_epoch))
+            super().__call__(name, layer, grad)
+
+    model = conv()
+    m, tr = setup("pq_rewire", model, momentum=0.5)
+    assert m.window == 25
+    steps: set = set()
+    m.momentum = Recording(0.5)
+    full = GradientMomentum(0.5)
+    m.engine.dense_grad_hooks.append(full)
+    tr.train_loader, tr.cfg.train.max_steps_per_epoch = [None] * 40, None
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        tr.epoch = epoch
+        for i in range(40):
+            tr.step_in_epoch = i
+            for layer in m.engine.layers.values():
+                layer.weight.grad = torch.randn(layer.weight.shape, generator=g) * (1 + 0.1 * i)
+            m.engine.before_step()
+        if epoch < 2:
+            assert {s for s in steps if s[0] == epoch} == {(epoch, i) for i in range(15, 40)}
+            for n in m.engine.layers:
+                torch.testing.assert_close(m.momentum.buf[n], full.buf[n], rtol=1e-6, atol=1e-6)
+    assert not any(s[0] == 2 for s in steps)
+    # a loop that does not tell its epoch length: every step
+    del tr.train_loader
+    tr.epoch, tr.step_in_epoch = 2, 0
+    m.engine.before_step()
+    assert (2, 0) in steps

@@ -28,6 +28,12 @@ def steps_per_epoch(trainer: Any) -> int:
     return max(1, n if cap is None else min(n, cap))
 
 
+def steps_per_epoch_or_none(trainer: Any) -> int | None:
+    """:func:`steps_per_epoch`, or ``None`` when the loop does not say (your own loop through ``spikeprune.prune``)."""
+    loader = getattr(trainer, "train_loader", None)
+    return steps_per_epoch(trainer) if loader is not None and hasattr(loader, "__len__") else None
+
+
 def total_steps(trainer: Any) -> int:
     """Optimizer steps of the whole run (``train.epochs`` × steps per epoch)."""
     return max(1, steps_per_epoch(trainer) * trainer.cfg.train.epochs)
