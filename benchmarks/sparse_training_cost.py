@@ -88,21 +88,18 @@ class Turns(Callback):
             self.begin()
 
 
-def run_epoch(tr: Trainer, turns: Turns | None = None) -> tuple[float, float]:
-    """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (step seconds, epoch-end seconds),
-    the step seconds counted from the last turn's start when ``turns`` pauses the epoch."""
+def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
+    """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (seconds of its last turn of steps,
+    epoch-end seconds); ``turns`` has reported the turns before."""
     for c in tr.callbacks:
         c.on_epoch_start(tr)
     sync(tr)
-    t0 = time.perf_counter()
-    if turns is not None:
-        turns.begin()
+    turns.begin()
     metrics = {"epoch": tr.epoch + 1}
     metrics.update(tr.train_epoch())
     sync(tr)
     t1 = time.perf_counter()
-    if turns is not None:
-        t0 = turns.t0
+    t0 = turns.t0
     for c in tr.callbacks:
         c.on_epoch_end(tr, metrics)
     sync(tr)

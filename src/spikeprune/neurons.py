@@ -305,16 +305,16 @@ def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = T
     ``stats`` 1 or 2 (needs ``keep_membrane``) returns the per-unit sums ``[stats, C]`` (float64) of the pre-gate
     spikes and, with 2, of ``|H|``."""
     ext = kernels_for(x) if not torch.is_tensor(k) else None
-    if ext is not None and (gate is not None or stats) and not _units_ok(x if t_major_dense(x, broadcast=True)
-                                                                           else x.contiguous()):
-        ext = None
+    if ext is not None:
+        x = x if t_major_dense(x, broadcast=True) else x.contiguous()
+        if (gate is not None or stats) and not _units_ok(x):
+            ext = None
     if ext is None:
         s, h, v = _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
         st = torch.stack([unit_sums(s, "sum"), unit_sums(h, "abs")][:stats]).double() if stats else None
         return (s if gate is None else s * _unit_view(gate, s.dim())), h, v, st
     a, b = _coeffs(kind, k, decay_input)
     c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
-    x = x if t_major_dense(x, broadcast=True) else x.contiguous()
     v0 = None if v0 is None else _like(v0, x[0])
     s, h, v, st = ext.lif_forward(x, v0, float(a), float(b), float(c), kind != "if" and decay_input, float(k), v_th,
                                   0.0 if v_reset is None else v_reset, v_reset is not None, keep_membrane,
@@ -373,11 +373,9 @@ class _MultiStep(torch.autograd.Function):
         if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
             args = (h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate,
                     ctx.needs_input_grad[2])
-            res = _backward_cpp(*args, gate, want_dot and g_s is not None)
+            res = _backward_cpp(*args, gate, want_dot)  # no spike gradient: the kernel's gate gradient is 0
         if res is not None:
             g_x, g_v0, dot = res
-            if want_dot and dot is None:  # no spike gradient reached this layer
-                dot = torch.zeros_like(gate)
         else:
             dot = None
             if gate is not None:

@@ -145,13 +145,20 @@ struct Units {
   }
 };
 
-// C and sc of a [T, B, C, ...] tensor's steps (contiguous or channels-last), for Units.
+// C and sc of a [T, B, C, ...] tensor's steps (contiguous or channels-last): element j of a step is unit
+// (j / sc) % C.
 std::pair<int64_t, int64_t> unit_layout(const at::Tensor& x) {
   const at::Tensor step = x[0];
   TORCH_CHECK(step.dim() >= 2, "per-unit work needs [T, B, C, ...]");
   TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
               "each step must be contiguous or channels-last");
   return {step.size(1), step.stride(1)};
+}
+
+// A per-unit vector (gate, mask): contiguous [C] of the tensor's dtype.
+void check_unit_vector(const at::Tensor& m, int64_t C, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(m.numel() == C && m.is_contiguous() && m.scalar_type() == like.scalar_type(), name,
+              " must be a contiguous [C] tensor of the neuron's dtype");
 }
 
 // Units for x's steps with an optional gate and rows of per-thread sums; tile and part hold what it points to.
@@ -163,8 +170,7 @@ Units<T> make_units(const at::Tensor& x, const c10::optional<at::Tensor>& gate, 
   if (!gated && rows == 0) return un;
   std::tie(un.C, un.sc) = unit_layout(x);
   if (gated) {
-    TORCH_CHECK(gate->numel() == un.C && gate->is_contiguous() && gate->scalar_type() == x.scalar_type(),
-                "gate must be a contiguous [C] tensor of the neuron's dtype");
+    check_unit_vector(*gate, un.C, x, "gate");
     un.gate = gate->data_ptr<T>();
     if (un.sc == 1) {
       tile.resize(un.C + BLOCK);
@@ -830,10 +836,8 @@ at::Tensor unit_reduce(const at::Tensor& a, const c10::optional<at::Tensor>& b, 
   const bool has_b = b.has_value() && b->defined();
   TORCH_CHECK(has_b == (op == DOT), "b is needed by op 2 (dot) only");
   if (has_b) check_like(*b, a, "b");
-  const at::Tensor step = a[0];
-  const int64_t C = step.size(1), sc = step.stride(1);
-  TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
-              "each step must be contiguous or channels-last");
+  int64_t C, sc;  // (not a structured binding: the dispatch lambda captures them, which C++17 forbids)
+  std::tie(C, sc) = unit_layout(a);
   at::Tensor out = at::zeros({C}, a.options().dtype(at::kDouble));
   if (a.numel() == 0) return out.to(a.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "unit_reduce", [&] {
@@ -906,12 +910,9 @@ void unit_scale_kernel(const T* X, const T* M, T* Y, const T* S, int64_t total, 
 std::vector<at::Tensor> unit_scale(const at::Tensor& x, const at::Tensor& m, const c10::optional<at::Tensor>& s) {
   check_t_major(x, "x");
   TORCH_CHECK(x.dim() >= 3, "x must be [T, B, C, ...]");
-  const at::Tensor step = x[0];
-  TORCH_CHECK(step.is_contiguous() || (step.dim() == 4 && step.is_contiguous(at::MemoryFormat::ChannelsLast)),
-              "each step must be contiguous or channels-last");
-  const int64_t C = step.size(1), sc = step.stride(1);
-  TORCH_CHECK(m.numel() == C && m.is_contiguous() && m.scalar_type() == x.scalar_type(),
-              "m must be a contiguous [C] tensor of x's dtype");
+  int64_t C, sc;
+  std::tie(C, sc) = unit_layout(x);
+  check_unit_vector(m, C, x, "m");
   const bool dot = s.has_value() && s->defined();
   if (dot) check_like(*s, x, "s");
   at::Tensor y = empty_steps(x);
