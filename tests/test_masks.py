@@ -32,7 +32,22 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "adam_wd_amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, amsgrad=True),
     "adamw_wd": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "adam_decoupled_maximize": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True,
+                                                          maximize=True),
+    "rmsprop_centered_momentum_wd": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True,
+                                                                  weight_decay=0.1),
 }
+
+
+class NoisySGD(torch.optim.SGD):
+    """An optimizer the engine does not know: its step moves every weight, masked or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.randn_like(p))
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -98,6 +113,27 @@ def test_masked_weights_stay_zero_under_optimizer(opt_name):
             assert_masked_zero(eng, opt)
     assert len(checked) == 6
     assert state_tensors(opt, eng.layers["body.1"].weight)  # state exists, so the checks above meant something
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "noisy"])
+def test_post_step_rezero_runs_only_for_optimizers_that_need_it(opt_name, monkeypatch):
+    # the stock optimizers keep masked weights at 0.0 by their own arithmetic (the test above), so the engine skips
+    # its pass over the weights; an optimizer it does not know gets it after every step
+    torch.manual_seed(0)
+    model = fc()
+    eng = MaskEngine(model)
+    opt = OPTIMIZERS["adam"](model.parameters()) if opt_name == "adam" else NoisySGD(model.parameters(), lr=0.1)
+    eng.attach(opt)
+    gen = torch.Generator().manual_seed(1)
+    init_masks(eng, "uniform", 0.4, gen)
+    calls = []
+    monkeypatch.setattr(eng, "apply", lambda: (calls.append(1), MaskEngine.apply(eng)))
+    for _ in range(3):
+        random_grads(model, gen)
+        opt.step()
+        assert_masked_zero(eng)
+    # (a subclass's step runs the step hooks twice: its own and the parent's)
+    assert len(calls) == 0 if opt_name == "adam" else len(calls) >= 3
 
 
 def test_masked_weights_zero_with_real_backward():

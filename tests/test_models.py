@@ -117,27 +117,33 @@ def test_maxpool_without_grad_equals_the_pooling_kernel(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["spikes", "sparse_analog"])
 @pytest.mark.parametrize("n_out", [10, 64, 130])  # below, at and past one 64-float block (a zero-padded tail)
-def test_linear_on_sparse_input_equals_dense(backend, dtype, kind, n_out):
+@pytest.mark.parametrize("shape", [(3, 5, 97), (4, 45, 300)])  # one tile; input and row tiles (180 rows, 90 per row)
+def test_linear_on_sparse_input_equals_dense(backend, dtype, kind, n_out, shape):
     # the spike-sparse path (compiled) and the dense layer (eager) give the same outputs and the same gradients for
     # x, W and b, whether the non-zeros are all 1 (spikes) or not
+    from spikeprune._ext import cpu_kernels
     from spikeprune.layers import Linear
 
     torch.manual_seed(0)
-    x = (torch.rand(3, 5, 97) < 0.1).to(dtype)
+    n_in = shape[-1]
+    x = (torch.rand(shape) < (0.1 if n_in < 100 else 0.3)).to(dtype)
     if kind == "sparse_analog":
         x = x * torch.randn_like(x)
     x[1, 2] = 0  # an empty row
     x[2, 3:] = 0  # trailing empty rows (the index list must not be written past its end)
-    layer = Linear(97, n_out).to(dtype)
-    ref = torch.nn.Linear(97, n_out).to(dtype)
+    layer = Linear(n_in, n_out).to(dtype)
+    layer.max_input_density = 8.0  # the sparse path whatever the layer's width (its limit scales with it)
+    ref = torch.nn.Linear(n_in, n_out).to(dtype)
     ref.load_state_dict(layer.state_dict())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, want = layer(xa), ref(xb)
+    if backend == "cpp" and cpu_kernels() is not None:
+        assert "SparseInputLinear" in type(y.grad_fn.next_functions[0][0]).__name__  # under the [T, B] view
     g = torch.randn_like(want)
     y.backward(g)
     want.backward(g)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert y.shape == (3, 5, n_out)
+    assert y.shape == (*shape[:2], n_out)
     assert torch.allclose(y, want, rtol=0, atol=tol)
     for a, b in ((xa.grad, xb.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
         assert torch.allclose(a, b, rtol=0, atol=tol)
@@ -152,17 +158,21 @@ def test_linear_sparse_path_is_taken_only_below_the_density_limit():
     if cpu_kernels() is None:
         pytest.skip("compiled CPU kernels unavailable")
     torch.manual_seed(0)
-    w = torch.randn(8, 40)
+    w = torch.randn(64, 40)
     sparse = (torch.rand(6, 40) < 0.1).float()
+    sparse[0, :4] = 1  # 4 + about 20 of 240 non-zero: 0.1 (the limit at 0.25 is 60)
     dense = torch.rand(6, 40) + 0.1
     assert sparse_input_linear(sparse, w) is not None
     assert sparse_input_linear(dense, w) is None  # every input non-zero: the dense kernel is faster
     assert sparse_input_linear(sparse.double(), w) is None  # mixed dtypes: left to F.linear (which raises)
+    # 8 outputs are summed as a block of 64: the limit is 8/64 of max_density (0.25 -> 7.5 of 240 inputs)
+    assert sparse_input_linear(sparse, w[:8]) is None
+    assert sparse_input_linear(sparse, w[:8], max_density=2.0) is not None
     layer = Linear(40, 8, bias=False)
     layer.max_input_density = 0.0  # switched off: plain nn.Linear
     y = layer(sparse.requires_grad_())
     assert "SparseInputLinear" not in type(y.grad_fn).__name__
-    layer.max_input_density = 0.2
+    layer.max_input_density = 2.0
     assert "SparseInputLinear" in type(layer(sparse).grad_fn).__name__
 
 

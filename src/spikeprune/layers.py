@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .perf import pack_weight, sparse_input_linear
+from .perf import SPARSE_MAX_DENSITY, pack_weight, sparse_input_linear
 
 __all__ = [
     "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
@@ -52,7 +52,7 @@ class Linear(nn.Linear):
     non-zero) runs :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the
     inputs that spiked; same values and gradients as the dense layer up to float summation order."""
 
-    max_input_density: float = 0.25
+    max_input_density: float = SPARSE_MAX_DENSITY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_input_density > 0 and x.device.type == "cpu":

@@ -3,11 +3,14 @@
 * **Connection masks**: a bool buffer ``weight_mask`` on every prunable Conv/Linear (``torch.nn.utils.prune``
   style, so masks travel in ``state_dict``). Masked weights are exactly 0.0 after every optimizer step: the
   engine's step pre-hook zeroes their gradients (after DDP has averaged them, so all ranks agree) and its
-  post-hook re-zeroes the weights. Changing a mask zeroes the optimizer state of every weight that died or was
-  regrown, so regrown weights start at 0 with clean state. The one exception is the second moments of *dead*
-  weights (Adam's ``exp_avg_sq``, RMSprop's ``square_avg``), which are parked at 1.0: their first moments and
-  gradients are 0, so their update stays exactly 0, and PyTorch's CPU ``sqrt`` is about 6x slower on exact zeros
-  (measured), which made Adam's step 1.8x slower at 50% density (fc3's layers, one thread).
+  post-hook re-zeroes the weights. Stock SGD, Adam, AdamW and RMSprop skip that pass over every weight (about 1%
+  of a fc3 step): their update of a weight with zero gradient and zero first-moment state is exactly 0 (tests
+  check it for every option that could change that); subclasses and other optimizers keep it. Changing a mask
+  zeroes the optimizer state of every weight that died or was regrown, so regrown weights start at 0 with clean
+  state. The one exception is the second moments of *dead* weights (Adam's ``exp_avg_sq``, RMSprop's
+  ``square_avg``), which are parked at 1.0: their first moments and gradients are 0, so their update stays exactly
+  0, and PyTorch's CPU ``sqrt`` is about 6x slower on exact zeros (measured), which made Adam's step 1.8x slower at
+  50% density (fc3's layers, one thread).
 * **Unit masks**: a bool buffer ``unit_mask`` on a spiking layer, one entry per neuron (FC) or channel (conv),
   multiplied into its output spikes: inside the fused loops of spikeprune's neurons
   (:func:`~spikeprune.neurons.set_unit_gate`, no pass over the spikes of its own), by a forward hook on other
@@ -37,6 +40,8 @@ from ..perf import unit_sums
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
 PARKED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # second moments: only ever under a square root
+# exact types whose step leaves a masked weight (0.0, zero gradient, zero first moments) exactly 0.0
+ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 
 
 class _UnitGate(torch.autograd.Function):
@@ -178,7 +183,8 @@ class MaskEngine:
                     v.masked_fill_(where & ~layer.weight_mask, 1.0)
 
     def _after_step(self) -> None:
-        self.apply()
+        if type(self.optimizer) not in ZERO_KEEPING:
+            self.apply()
         # optimizers create their state at the first step, and a parked 1.0 decays (Adam: x0.999 per step, 1.7%
         # left after 4096 steps), so park again then and every 4096 steps (one masked fill, negligible)
         if self._steps % 4096 == 0 and self.optimizer is not None:
