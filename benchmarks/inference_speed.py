@@ -205,7 +205,7 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
     x = images(args, max(args.unstruct_batches) * args.timing_batches)
     dense = plain_dense(compact(model, x[:2]).eval())  # masks folded; plain dense layers
     # the same layers with spikeprune's default Linear: dense weights, forward over the inputs that spiked when at
-    # most 25% did (Linear.max_input_density)
+    # most 35% did (Linear.max_input_density, scaled down for layers with few outputs)
     variants = {"dense": dense, "spike-sparse": compact(model, x[:2]).eval()}
     for mode in [m for m in LINEAR_MODES if m != "dense"] + ["auto"]:
         variants[mode] = to_event_driven(model, mode=mode, example_input=x[:2], repeats=args.calib_repeats)

@@ -114,8 +114,8 @@ def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
 @torch.no_grad()
 def state(tr: Trainer) -> tuple[float, list[float]]:
     """The model's weight density and the input density (fraction non-zero) of each synaptic layer on one training
-    batch, in training mode: the spike-sparse ``Linear`` takes its faster path below 25%, so models that fire
-    less train faster whatever their bookkeeping."""
+    batch, in training mode: the spike-sparse ``Linear`` takes its faster path below 35% (less for narrow layers),
+    so models that fire less train faster whatever their bookkeeping."""
     engine = getattr(tr.method, "engine", None)
     dens = engine.density() if engine is not None else 1.0
     got: list[float] = []
@@ -230,7 +230,7 @@ def report(rows: list[dict], head: list[str]) -> str:
         "turns of a few steps (see Setup). "
         "Ratio = method / dense epoch time of the same epoch index (side by side), median over the measured epochs "
         "(1.00: free); range: the smallest and largest of those ratios. Input density: fraction of non-zero inputs "
-        "of each synaptic layer on one training batch after the last epoch (a `Linear` below 25% takes the "
+        "of each synaptic layer on one training batch after the last epoch (a `Linear` below 35% takes the "
         "spike-sparse path, so a model that fires less trains faster, whatever its bookkeeping).",
         "",
         "| model | method | ms / step | epoch-end updates (s) | epoch (s) | ratio vs dense | ratio range | "
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"per method (first = warm-up), turns of {args.chunk or 'whole-epoch'} steps, data {args.data}, "
                    "Adam, methods at their default options; "
                    + ("every Linear dense (`--dense-linear`)" if args.dense_linear else
-                      "spikeprune's default Linear (spike-sparse path below 25% input density)")],
+                      "spikeprune's default Linear (spike-sparse path below 35% input density)")],
                   script=__file__)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

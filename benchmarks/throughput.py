@@ -371,7 +371,8 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
                   f"the first batch of {data}'s training images (normalised), their labels; every step trains on "
                   "that batch."),
               "- Spike-sparse layers: spikeprune's `Linear` runs its forward and weight gradient over the non-zero "
-              "inputs only when at most 25% of them are non-zero (`Linear.max_input_density`); its speed therefore "
+              "inputs only when at most 35% of them are non-zero (`Linear.max_input_density`; less for layers with "
+              "few outputs); its speed therefore "
               "depends on the firing rates, listed per spiking layer for the last timed step (measured on "
               "spikeprune's model after as many steps from the same initialisation; for inference, of the freshly "
               "initialised model that is timed, which fires far less than a trained one, so the inference ratios "
