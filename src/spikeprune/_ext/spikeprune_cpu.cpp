@@ -802,13 +802,14 @@ at::Tensor sparse_input_weight_grad(const at::Tensor& ptr, const at::Tensor& col
       // 256-byte rows instead of strided ones)
       std::vector<T_> gb(N * B, T_(0));
       for (int64_t r = 0; r < N; ++r) std::copy(G + r * n_out + o0, G + r * n_out + o0 + w, gb.data() + r * B);
-      std::vector<T_> sums(n_in * B);  // [input][output]
+      std::vector<T_> sums(n_in * B, T_(0));  // [input][output]
       for (int64_t t = 0; t < nt; ++t) {
         const int64_t* cpt = cp.data() + t * (n_in + 1);
         for (int64_t j = 0; j < n_in; ++j) {
+          if (cpt[j] == cpt[j + 1]) continue;  // no row of this tile has input j (many, for sparse inputs)
           V_ acc[NV];
           T_* out = sums.data() + j * B;
-          for (int64_t q = 0; q < NV; ++q) acc[q] = t ? VT::load(out + q * L) : V_{};
+          for (int64_t q = 0; q < NV; ++q) acc[q] = VT::load(out + q * L);
           gather_add<T_>(acc, gb.data(), rr.data(), bin ? nullptr : cv.data(), cpt[j], cpt[j + 1]);
           for (int64_t q = 0; q < NV; ++q) VT::store(out + q * L, acc[q]);
         }
