@@ -11,7 +11,7 @@ import torch
 
 from ._ext import kernels_for, t_major_dense
 
-__all__ = ["keep_freed_memory", "pack_weight", "sparse_input_linear", "unit_sums"]
+__all__ = ["SPARSE_MAX_DENSITY", "keep_freed_memory", "pack_weight", "sparse_input_linear", "unit_sums"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
@@ -37,9 +37,10 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
 
 _UNIT_OPS = {"sum": 0, "abs": 1, "dot": 2}
 
-# Above this share of non-zero inputs a dense matrix product beats the spike-sparse Linear (forward plus backward,
-# 512 x 800 -> 800 at 2 threads: 0.75x the dense time at 20%, 0.8x at 30%, 1.0x at 40%; layers with fewer than 64
-# outputs get a lower limit, see sparse_input_linear)
+# The share of non-zero inputs up to which Linear takes the spike-sparse path. Forward plus backward of 512 x 800 ->
+# 800 at 2 threads takes 0.75x the dense time at 20%, 0.8x at 30% and 1.0x at 40%; the margin below that break-even
+# is for other thread counts. Layers whose outputs do not fill whole blocks of 64 get a lower limit (see
+# sparse_input_linear).
 SPARSE_MAX_DENSITY = 0.35
 
 
@@ -90,7 +91,8 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``F.linear(x, weight, bias)`` for a mostly-zero ``x`` (spikes), with the work of the forward and of the
     weight gradient proportional to the non-zero inputs instead of all of them; ``None`` when the compiled
     kernels cannot take these tensors or more than ``max_density`` of ``x`` is non-zero (dense is faster then;
-    a layer with few outputs, which the kernels sum in blocks of 64 floats, gets a proportionally lower limit).
+    the kernels sum outputs in blocks of 64 floats, so a layer whose outputs leave a block part-empty, e.g. 10
+    outputs, gets the limit times its share of used lanes, 10/64).
     Same values as ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``.
     ``packed``: ``weight`` already packed by :func:`pack_weight` (inference reuses it while the weight is
     unchanged)."""
