@@ -311,7 +311,9 @@ def _forward(x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane: bool = T
             ext = None
     if ext is None:
         s, h, v = _loops(x)[0](x, k, v0, kind, v_th, v_reset, decay_input, keep_membrane)
-        st = torch.stack([unit_sums(s, "sum"), unit_sums(h, "abs")][:stats]).double() if stats else None
+        st = None
+        if stats:  # only the sums asked for (|H| is a second pass over the membrane)
+            st = torch.stack([unit_sums(s, "sum")] + ([unit_sums(h, "abs")] if stats > 1 else [])).double()
         return (s if gate is None else s * _unit_view(gate, s.dim())), h, v, st
     a, b = _coeffs(kind, k, decay_input)
     c = 0.0 if (kind == "if" or v_reset is None) else k * v_reset
@@ -370,17 +372,18 @@ class _MultiStep(torch.autograd.Function):
         kind, v_th, v_reset, decay_input, detach_reset, surrogate, need_k_grad = ctx.cfg
         want_dot = ctx.on_gate is not None
         res = g_k = None
-        if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
-            args = (h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate,
-                    ctx.needs_input_grad[2])
-            res = _backward_cpp(*args, gate, want_dot)  # no spike gradient: the kernel's gate gradient is 0
+        # a detached reset and a constant decay: the closed-form step recursion (compiled, else eager)
+        steps = detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq)
+        if steps:
+            res = _backward_cpp(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input, surrogate,
+                                ctx.needs_input_grad[2], gate, want_dot)  # no spike gradient: gate gradient 0
         if res is not None:
             g_x, g_v0, dot = res
         else:
             dot = None
             if gate is not None:
                 g_s, dot = _gate_grad_eager(g_s, h_seq, gate, v_th, want_dot)
-            if detach_reset and not torch.is_tensor(k) and not _compile_wanted(h_seq):
+            if steps:
                 g_x, g_v0 = _backward_steps(h_seq, k, g_s, g_h_out, g_v_last, kind, v_th, v_reset, decay_input,
                                             surrogate, ctx.needs_input_grad[2])
             else:

@@ -38,10 +38,12 @@ class Method(Callback):
     def __init__(self, cfg: MethodConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()
         self.engine: MaskEngine | None = None
+        self.trainer: Any = None  # the trainer (or spikeprune.prune's stand-in) this method was set up on
         self.history: list[dict] = []
         self.generator = torch.Generator()
 
     def setup(self, trainer: Any) -> None:
+        self.trainer = trainer
         self.engine = MaskEngine(trainer.model, self.cfg.ignored_layers, self.cfg.prune_first,
                                  self.cfg.prune_last, example_input=trainer.example_input)
         self.engine.attach(trainer.optimizer)

@@ -197,7 +197,6 @@ class DropGrow(Method):
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
-        self.trainer = trainer
         self.t_end = self.cfg.end * total_steps(trainer)
         self.grads: dict[str, torch.Tensor] = {}
         self.momentum = GradientMomentum(self.cfg.momentum) if self.cfg.grow == "momentum" else None

@@ -55,7 +55,6 @@ class LTH(Method):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         c, epochs = self.cfg, trainer.cfg.train.epochs
-        self.trainer = trainer
         self.rounds = lth_rounds(c.target_density, c.rate)
         self.per_round = c.epochs_per_round or max(1, epochs // (self.rounds + 1))
         c.check(self.rounds * self.per_round < epochs, "method.epochs_per_round",

@@ -84,7 +84,6 @@ class PQRewire(Method):
         self.momentum = GradientMomentum(self.cfg.momentum)
         self.engine.dense_grad_hooks.append(self._observe)
         self.best_state: dict | None = None
-        self.trainer = trainer
         b = self.cfg.momentum
         self.window = 1 if b == 0 else math.ceil(24 * math.log(2) / -math.log(b)) + 1  # b^window < 2^-24
         self.window_epoch = -1  # the epoch whose regrowth window has started (its average began from zero)
