@@ -19,6 +19,7 @@ from spikeprune.sparsity.masks import (
     PARKED_STATE,
     MaskEngine,
     erk_densities,
+    fused_adam,
     init_masks,
     random_mask,
     scope_view,
@@ -36,6 +37,11 @@ OPTIMIZERS = {
                                                           maximize=True),
     "rmsprop_centered_momentum_wd": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True,
                                                                   weight_decay=0.1),
+    # PyTorch's fused kernels (the trainer's default): dead second moments parked at +inf, gradients left dense
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+    "adam_fused_wd_amsgrad_maximize": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, amsgrad=True,
+                                                                 maximize=True, fused=True),
+    "adamw_fused_wd": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=True),
 }
 
 
@@ -76,8 +82,12 @@ def assert_masked_zero(eng: MaskEngine, opt: torch.optim.Optimizer | None = None
         assert torch.all(layer.weight[dead] == 0.0), f"{name}: masked weight is not 0.0"
         if opt is not None:
             for k, v in state_tensors(opt, layer.weight).items():
-                if k in PARKED_STATE:  # second moments parked at 1.0 (decaying): never 0, never above 1
+                if k in PARKED_STATE and fused_adam(opt):  # +inf: the update m / sqrt(v) is 0 whatever m holds
+                    assert torch.all(v[dead] == math.inf), f"{name}: {k} of a masked weight not parked at +inf"
+                elif k in PARKED_STATE:  # parked at 1.0 (decaying): never 0, never above 1
                     assert torch.all((v[dead] > 0) & (v[dead] <= 1)), f"{name}: {k} of a masked weight not parked"
+                elif fused_adam(opt):  # dense gradients reach the first moments of dead weights: finite
+                    assert torch.isfinite(v[dead]).all(), f"{name}: optimizer state {k} of a masked weight"
                 else:
                     assert torch.all(v[dead] == 0), f"{name}: optimizer state {k} of a masked weight is not 0"
 
@@ -96,7 +106,10 @@ def test_masked_weights_stay_zero_under_optimizer(opt_name):
 
     def check_grads(optimizer, args, kwargs):  # runs after the engine's pre-hook (registered later)
         for layer in eng.layers.values():
-            assert torch.all(layer.weight.grad[~layer.weight_mask] == 0)
+            dead = layer.weight.grad[~layer.weight_mask]
+            # fused Adam/AdamW: no pass over the gradients once the dead weights are parked at +inf (from the
+            # second step on: the first step has no optimizer state to park)
+            assert torch.all(dead != 0) if fused_adam(opt) and checked else torch.all(dead == 0)
             assert layer.weight.grad[layer.weight_mask].abs().min() > 0  # live grads untouched
         checked.append(True)
 
@@ -134,6 +147,36 @@ def test_post_step_rezero_runs_only_for_optimizers_that_need_it(opt_name, monkey
         assert_masked_zero(eng)
     # (a subclass's step runs the step hooks twice: its own and the parent's)
     assert len(calls) == 0 if opt_name == "adam" else len(calls) >= 3
+
+
+def test_fused_adam_parks_a_loaded_state_before_skipping_the_gradient_mask():
+    # optimizer state the engine did not park itself (new tensors from a loaded state dict, dead second moments at
+    # 1.0 as an unfused run leaves them) is parked at +inf before a step leaves the gradients dense
+    torch.manual_seed(0)
+    model = fc()
+    eng = MaskEngine(model)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    eng.attach(opt)
+    init_masks(eng, "uniform", 0.4, gen)
+    for _ in range(2):
+        random_grads(model, gen)
+        opt.step()
+    state = opt.state_dict()
+    for layer in eng.layers.values():
+        i = next(k for k, p in enumerate(p for g in opt.param_groups for p in g["params"]) if p is layer.weight)
+        v = state["state"][i]["exp_avg_sq"].clone()
+        v[~layer.weight_mask] = 1.0
+        state["state"][i]["exp_avg_sq"] = v
+        state["state"][i]["exp_avg"] = state["state"][i]["exp_avg"].clone().fill_(0.5)  # dead ones too
+    opt.load_state_dict(state)
+    assert fused_adam(opt)
+    for _ in range(3):
+        random_grads(model, gen)
+        opt.step()
+        assert_masked_zero(eng, opt)
+        for layer in eng.layers.values():  # the gradients were left dense (no pass over them)
+            assert torch.all(layer.weight.grad[~layer.weight_mask] != 0)
 
 
 def test_masked_weights_zero_with_real_backward():
@@ -185,7 +228,7 @@ def test_attach_clears_state_from_before_the_masks():
     assert_masked_zero(eng, opt)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam", "adamw_wd"])
+@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam", "adamw_wd", "adam_fused"])
 def test_regrown_weight_starts_at_zero_with_clean_state(opt_name):
     torch.manual_seed(0)
     model = fc()
@@ -205,15 +248,17 @@ def test_regrown_weight_starts_at_zero_with_clean_state(opt_name):
     m[pos] = False
     eng.set_mask(name, m)
 
+    parked = math.inf if fused_adam(opt) else 1.0
+
     def dead_state_ok() -> bool:
-        return all((v[pos] == 1.0 if k in PARKED_STATE else v[pos] == 0) for k, v in state_tensors(opt, w).items())
+        return all((v[pos] == parked if k in PARKED_STATE else v[pos] == 0) for k, v in state_tensors(opt, w).items())
 
     assert w[pos] == 0.0 and dead_state_ok()
     other = w.detach().clone()
     # a step later it is still exactly zero (its second moment decays from 1.0 but its update is exactly 0)
     random_grads(model, gen)
     opt.step()
-    assert w[pos] == 0.0 and all((0 < v[pos] <= 1.0 if k in PARKED_STATE else v[pos] == 0)
+    assert w[pos] == 0.0 and all((0 < v[pos] <= parked if k in PARKED_STATE else v[pos] == 0 or fused_adam(opt))
                                  for k, v in state_tensors(opt, w).items())
     # regrow: starts at exactly 0.0 with zero state; untouched weights are not reset
     before = w.detach().clone()

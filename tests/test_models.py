@@ -212,3 +212,53 @@ def test_linear_inference_reuses_the_packed_weight_until_it_changes():
     assert layer.__dict__["_packed_cache"][1] is not packed
     assert torch.allclose(y2 - layer.bias, 2 * (y1 - layer.bias), atol=1e-5)
     assert torch.allclose(y2, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("switch_mode", [False, True])
+def test_linear_inference_sees_the_steps_of_a_fused_optimizer(switch_mode):
+    # PyTorch's fused Adam updates weights in place without bumping their version: the packed weight must not
+    # outlive the step (the run's optimizer bumps versions; any mode switch drops the packed weight too)
+    from types import SimpleNamespace
+
+    from spikeprune._ext import cpu_kernels
+    from spikeprune.layers import Linear
+    from spikeprune.train import make_optimizer
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(0)
+    layer = Linear(30, 70)
+    x = (torch.rand(8, 30) < 0.1).float()
+    if switch_mode:  # a plain fused Adam (no version bumps), with the usual train()/eval() around the step
+        opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+        version = layer.weight._version
+    else:
+        opt = make_optimizer(layer.parameters(), SimpleNamespace(optimizer="adam", lr=0.1, weight_decay=0.0))
+        assert opt.param_groups[0]["fused"]
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+    if switch_mode:
+        layer.train()
+    layer(x).square().sum().backward()
+    opt.step()
+    if switch_mode:
+        assert layer.weight._version == version  # what makes the version-keyed cache unsafe on its own
+        layer.eval()
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_make_optimizer_fused_switch(fused):
+    from types import SimpleNamespace
+
+    from spikeprune.train import make_optimizer
+
+    for name, cls in [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)]:
+        cfg = SimpleNamespace(optimizer=name, lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=False,
+                              fused_optimizer=fused)
+        opt = make_optimizer(nn.Linear(3, 2).parameters(), cfg)
+        assert type(opt) is cls and bool(opt.param_groups[0]["fused"]) is fused

@@ -81,6 +81,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     sync_bn: bool = False  # under DDP: BatchNorm batch statistics over all ranks (docs/ddp.md)
     keep_freed_memory: bool = True  # CPU: glibc malloc reuses freed blocks instead of faulting in new pages (perf.py)
+    fused_optimizer: bool = True  # PyTorch's fused optimizer kernels where they take the params (train.py)
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {self.epochs}")

@@ -62,6 +62,11 @@ class Linear(nn.Linear):
                 return y
         return super().forward(x)
 
+    def train(self, mode: bool = True) -> Linear:
+        # a mode switch drops the packed weight: a fused optimizer updates weights without bumping their version
+        self.__dict__.pop("_packed_cache", None)
+        return super().train(mode)
+
     def _packed(self) -> torch.Tensor | None:
         """The packed weight, kept while the weight is unchanged (inference: packing costs a pass over it)."""
         w = self.weight

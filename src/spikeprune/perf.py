@@ -11,7 +11,8 @@ import torch
 
 from ._ext import kernels_for, t_major_dense
 
-__all__ = ["SPARSE_MAX_DENSITY", "keep_freed_memory", "pack_weight", "sparse_input_linear", "unit_sums"]
+__all__ = ["SPARSE_MAX_DENSITY", "keep_freed_memory", "keep_versions", "pack_weight", "sparse_input_linear",
+           "unit_sums"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 
@@ -33,6 +34,25 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 512
             libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     except (OSError, AttributeError):
         return False
+
+
+def keep_versions(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer``'s fused steps bump the version counters of the params they update, as every other
+    in-place update does. PyTorch's fused kernels (``fused=True``, torch 2.13 on CPU, measured) skip it, so caches
+    keyed on ``(data_ptr, _version)``, such as :class:`~spikeprune.layers.Linear`'s packed weights for inference,
+    would go on serving the weights of before training. Idempotent; a no-op for unfused optimizers."""
+    if getattr(optimizer, "_spikeprune_versions", False) or not any(g.get("fused") for g in optimizer.param_groups):
+        return
+    from torch.autograd.graph import increment_version
+
+    def bump(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for g in opt.param_groups:
+            if g.get("fused"):
+                for p in g["params"]:
+                    increment_version(p)
+
+    optimizer.register_step_post_hook(bump)
+    optimizer._spikeprune_versions = True
 
 
 _UNIT_OPS = {"sum": 0, "abs": 1, "dot": 2}

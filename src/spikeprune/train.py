@@ -39,6 +39,7 @@ from . import dist
 from .callbacks import Callback
 from .config import RunConfig, jsonable, to_dict
 from .measure import Measurement, measure
+from .perf import keep_versions
 
 
 class TrainingError(RuntimeError):
@@ -80,12 +81,24 @@ def spike_loss(out: torch.Tensor, y: torch.Tensor, kind: str, num_classes: int, 
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """The run's optimizer; with ``train.fused_optimizer`` PyTorch's fused kernels (one pass per tensor instead of
+    one per operation: fc3's Adam step 4x faster on CPU, measured), where this PyTorch has them for these params
+    (CPU since 2.4), else the default implementation. Same update rule either way."""
+    params = list(params)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        cls, kw = torch.optim.SGD, {"momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}
+    else:
+        cls, kw = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW), {}
+    kw.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if getattr(cfg, "fused_optimizer", True):
+        try:
+            opt = cls(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):  # an older PyTorch, or params its fused kernels cannot take
+            pass
+        else:
+            keep_versions(opt)  # the fused kernels leave the params' version counters as they were
+            return opt
+    return cls(params, **kw)
 
 
 def make_scheduler(opt, cfg):

@@ -11,6 +11,13 @@
   ``square_avg``), which are parked at 1.0: their first moments and gradients are 0, so their update stays exactly
   0, and PyTorch's CPU ``sqrt`` is about 6x slower on exact zeros (measured), which made Adam's step 1.8x slower at
   50% density (fc3's layers, one thread).
+* **Fused Adam/AdamW** (``fused=True``, the trainer's default where PyTorch has it): the dead weights' second
+  moments are parked at +inf instead, so their update ``m / (sqrt(v) + eps)`` is exactly 0 *whatever their
+  gradient*, and the step pre-hook skips the gradient pass too (about 2% of a fc3 step). The fused kernels take
+  the square root in registers, as fast on inf as on 1.0 (the unfused ``sqrt`` is not, so they keep 1.0). Their
+  gradients then stay dense in ``.grad`` after the step; :meth:`MaskEngine.before_step` (called before gradient
+  clipping) still masks them all. A layer whose state the engine did not park itself (a loaded optimizer state)
+  is parked before its first step.
 * **Unit masks**: a bool buffer ``unit_mask`` on a spiking layer, one entry per neuron (FC) or channel (conv),
   multiplied into its output spikes: inside the fused loops of spikeprune's neurons
   (:func:`~spikeprune.neurons.set_unit_gate`, no pass over the spikes of its own), by a forward hook on other
@@ -36,12 +43,18 @@ from .._ext import kernels_for, t_major_dense
 from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
 from ..neurons import BaseNeuron, is_neuron, set_unit_gate
-from ..perf import unit_sums
+from ..perf import keep_versions, unit_sums
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
 PARKED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # second moments: only ever under a square root
 # exact types whose step leaves a masked weight (0.0, zero gradient, zero first moments) exactly 0.0
 ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def fused_adam(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` is a stock Adam/AdamW running PyTorch's fused kernels in every param group."""
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 class _UnitGate(torch.autograd.Function):
@@ -101,6 +114,7 @@ class MaskEngine:
         self.track_unit_grad = False
         self._multipliers: dict[int, tuple] = {}  # id(layer) -> (mask key, float mask)
         self._grads_masked = False
+        self._inf_parked: dict[int, torch.Tensor] = {}  # id(layer) -> the exp_avg_sq whose dead entries are all +inf
         self.unit_grad: dict[str, torch.Tensor] = {}
         self._unit_grad_step: dict[str, torch.Tensor] = {}  # DDP: this step's signed local gate grads
         self.version = 0  # bumped by every set_mask/set_unit_mask (the trainer checks ranks agree when it moves)
@@ -174,13 +188,33 @@ class MaskEngine:
 
     @torch.no_grad()
     def _park(self, layer: nn.Module, where: torch.Tensor) -> None:
-        """Set the second moments of the dead weights among ``where`` to 1.0 (see the module docstring)."""
+        """Set the second moments of the dead weights among ``where`` to 1.0, or +inf under a fused Adam/AdamW
+        (see the module docstring)."""
         state = self.optimizer.state.get(layer.weight) if self.optimizer is not None else None
-        if state:
-            for k in PARKED_STATE:
-                v = state.get(k)
-                if torch.is_tensor(v) and v.shape == layer.weight.shape:
-                    v.masked_fill_(where & ~layer.weight_mask, 1.0)
+        if not state:
+            return
+        inf = fused_adam(self.optimizer)
+        for k in PARKED_STATE:
+            v = state.get(k)
+            if torch.is_tensor(v) and v.shape == layer.weight.shape:
+                v.masked_fill_(where & ~layer.weight_mask, math.inf if inf else 1.0)
+        if inf and where.shape == layer.weight.shape and bool((where | layer.weight_mask).all()):
+            self._inf_parked[id(layer)] = state.get("exp_avg_sq")  # every dead weight is parked now
+        elif not inf:
+            self._inf_parked.pop(id(layer), None)
+
+    def _parked_at_inf(self, layer: nn.Module) -> bool:
+        """Whether every dead weight of ``layer`` has its second moments at +inf under a fused Adam/AdamW, so that
+        its gradient needs no masking: parks them first when the optimizer's state is not the one the engine
+        parked (a first step, a loaded state dict)."""
+        if not fused_adam(self.optimizer):
+            return False
+        state = self.optimizer.state.get(layer.weight)
+        if not state or not torch.is_tensor(state.get("exp_avg_sq")):
+            return False  # no state before the first step: that step must see masked gradients
+        if self._inf_parked.get(id(layer)) is not state["exp_avg_sq"]:
+            self._park(layer, ~layer.weight_mask)
+        return True
 
     def _after_step(self) -> None:
         if type(self.optimizer) not in ZERO_KEEPING:
@@ -196,6 +230,7 @@ class MaskEngine:
         """Keep masked weights at 0.0 under ``optimizer``: grads masked before each step, weights after."""
         self.detach_optimizer()
         self.optimizer = optimizer
+        keep_versions(optimizer)  # a fused optimizer's steps would leave version-keyed caches stale
         self._opt_hooks = [optimizer.register_step_pre_hook(lambda *a: self._pre_step()),
                            optimizer.register_step_post_hook(lambda *a: self._after_step())]
         self._steps = 0
@@ -212,27 +247,29 @@ class MaskEngine:
         if self._grads_masked:  # before_step already ran for these gradients (e.g. before clipping)
             self._mask_grads()
         else:
-            self.before_step()
+            self.before_step(parked=True)
         self._grads_masked = False
 
     @torch.no_grad()
-    def before_step(self) -> None:
+    def before_step(self, parked: bool = False) -> None:
         """Show dense gradients to the hooks that want them (regrowth scores), then mask them. The optimizer's
-        step pre-hook calls it; call it yourself before gradient clipping so the norm sees masked gradients
-        (the hooks then do not see the same gradients twice)."""
-        self._grads_masked = True
+        step pre-hook calls it (with ``parked``: layers parked at +inf keep dense gradients); call it yourself
+        before gradient clipping so the norm sees masked gradients (the hooks then do not see the same gradients
+        twice)."""
+        self._grads_masked = not parked
         self._reduce_unit_grad()
-        for name, m in self.layers.items():
-            if m.weight.grad is not None:
-                for hook in self.dense_grad_hooks:
-                    hook(name, m, m.weight.grad)
-        self._mask_grads()
+        if self.dense_grad_hooks:
+            for name, m in self.layers.items():
+                if m.weight.grad is not None:
+                    for hook in self.dense_grad_hooks:
+                        hook(name, m, m.weight.grad)
+        self._mask_grads(parked)
 
     @torch.no_grad()
-    def _mask_grads(self) -> None:
+    def _mask_grads(self, parked: bool = False) -> None:
         for m in self.layers.values():
             mult = self._multiplier(m)
-            if m.weight.grad is not None and mult is not None:
+            if m.weight.grad is not None and mult is not None and not (parked and self._parked_at_inf(m)):
                 m.weight.grad.mul_(mult)
 
     # ------------------------------------------------------------------------------------ unit masks
