@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     head = header("Sparse training cost: dense vs pq_rewire, sca, dynsnn", argv, device,
                   [f"- Setup: T={args.T}, batch {args.batch}, {args.steps} steps per epoch, {args.epochs} epochs "
                    f"per method (first = warm-up), turns of {args.chunk or 'whole-epoch'} steps, data {args.data}, "
-                   "Adam, methods at their default options; "
+                   "Adam (the trainer's: fused kernels where PyTorch has them), methods at their default options; "
                    + ("every Linear dense (`--dense-linear`)" if args.dense_linear else
                       "spikeprune's default Linear (spike-sparse path below 35% input density)")],
                   script=__file__)

@@ -242,6 +242,7 @@ class MaskEngine:
             h.remove()
         self._opt_hooks = []
         self.optimizer = None
+        self._inf_parked.clear()  # (it holds that optimizer's state tensors)
 
     def _pre_step(self) -> None:
         if self._grads_masked:  # before_step already ran for these gradients (e.g. before clipping)
