@@ -350,6 +350,28 @@ def test_check_network_keeps_the_faster_of_auto_and_dense(slow):
     assert (x0.shape in layer.dense_shapes) == (slow == "event")
 
 
+def test_event_layers_and_chain_rebuild_after_a_fused_step_and_a_mode_switch():
+    # PyTorch's fused Adam leaves the weights' version counters unchanged, so the weight-keyed structures are
+    # dropped on every train()/eval() switch as well
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    chain = compile_chain(to_event_driven(masked_fc3().eval(), mode="auto", example_input=x[:2]), [x[:3], x[3:]])
+    layers = to_event_driven(masked_fc3().eval(), mode="csr", example_input=x[:2])
+    for net in (chain, layers):
+        with torch.no_grad():
+            before = net(x)
+        opt = torch.optim.Adam(net.parameters(), lr=0.05, fused=True)
+        net.train()
+        net(x).square().sum().backward()
+        versions = [p._version for p in net.parameters()]
+        opt.step()
+        assert [p._version for p in net.parameters()] == versions  # what the caches alone would not notice
+        net.eval()
+        fresh = copy.deepcopy(net)  # new storage: its structures are built from the stepped weights
+        with torch.no_grad():
+            assert not torch.allclose(net(x), before)
+            assert torch.allclose(net(x), fresh(x), rtol=0, atol=1e-10)
+
+
 def test_compile_chain_gives_the_dense_outputs_and_falls_back_for_training():
     model = masked_fc3().eval()
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)

@@ -116,6 +116,10 @@ class _EventMixin:
         self._struct_key: tuple | None = None
 
     # ------------------------------------------------------------------------------------- structures
+    def train(self, mode: bool = True):
+        self._struct_key = None  # rebuilt on the next call: a fused optimizer's step leaves the version unchanged
+        return super().train(mode)
+
     def _weight_key(self) -> tuple:
         w = self.weight  # a new device, dtype or shape is a new storage: its address and version say it all
         return (w.data_ptr(), w._version)
@@ -524,6 +528,10 @@ class EventChain(nn.Module):
         self._id: tuple | None = None  # (extension, id of the ops registered on its side)
         self._params = list(body.parameters())
         self._neurons = [m for m in body if isinstance(m, BaseNeuron)]
+
+    def train(self, mode: bool = True) -> EventChain:
+        self._ops_key = None  # rebuilt on the next call: a fused optimizer's step leaves versions unchanged
+        return super().train(mode)
 
     def _layer_keys(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self._params)
