@@ -262,3 +262,40 @@ def test_make_optimizer_fused_switch(fused):
                               fused_optimizer=fused)
         opt = make_optimizer(nn.Linear(3, 2).parameters(), cfg)
         assert type(opt) is cls and bool(opt.param_groups[0]["fused"]) is fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("analog", [False, True])
+def test_linear_takes_temporal_differences_of_persistent_spikes(dtype, analog):
+    # most neurons that fire at step t fired at t - 1: x[t] - x[t-1] has far fewer non-zeros, and the layer sums
+    # W (x[t] - x[t-1]) over the steps instead (dW from the suffix sums of g); same outputs and gradients
+    from spikeprune._ext import cpu_kernels
+    from spikeprune.layers import Linear
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(0)
+    base = torch.rand(45, 300) < 0.25
+    persistent = torch.stack([base ^ (torch.rand(45, 300) < 0.03) for _ in range(5)]).to(dtype)
+    if analog:  # values that stay the same while the unit stays on
+        persistent = persistent * (1 + torch.rand(45, 300, dtype=dtype))
+    fresh = (torch.rand(5, 45, 300) < 0.25).to(dtype)  # independent steps: the differences are denser
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    for x, delta in ((persistent, True), (fresh, False)):
+        layer = Linear(300, 128).to(dtype)
+        ref = torch.nn.Linear(300, 128).to(dtype)
+        ref.load_state_dict(layer.state_dict())
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, want = layer(xa), ref(xb)
+        node = y.grad_fn.next_functions[0][0]
+        assert "SparseInputLinear" in type(node).__name__ and (node.steps == 5) is delta
+        g = torch.randn_like(want)
+        y.backward(g)
+        want.backward(g)
+        assert torch.allclose(y, want, rtol=0, atol=tol)
+        for a, b in ((xa.grad, xb.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+            assert torch.allclose(a, b, rtol=0, atol=tol)
+    layer.eval()
+    with torch.no_grad():  # inference (packed weight) takes it too
+        assert torch.allclose(layer(persistent), torch.nn.functional.linear(persistent, layer.weight, layer.bias),
+                              rtol=0, atol=tol)

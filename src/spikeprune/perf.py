@@ -84,15 +84,25 @@ def unit_sums(x: torch.Tensor, op: str = "sum", y: torch.Tensor | None = None, u
 
 class _SparseInputLinear(torch.autograd.Function):
     """``x W^T + b`` over the non-zero entries of ``x`` (its CSR rows), and ``dW = g^T x`` the same way. Only the
-    rows are kept for the backward, not ``x``; ``dx = g W`` stays a dense matrix product."""
+    rows are kept for the backward, not ``x``; ``dx = g W`` stays a dense matrix product.
+
+    With ``steps`` > 1 the rows are those of the *temporal differences* of ``x`` viewed as ``[steps, N, in]``
+    (``d[0] = x[0]``, ``d[t] = x[t] - x[t-1]``): ``y[t] = y[t-1] + W d[t]``, and ``dW = sum_t G[t]^T d[t]`` with the
+    suffix sums ``G[t] = sum_{s >= t} g[s]``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, ext, packed):
+    def forward(ctx, x, weight, bias, rows, ext, packed, steps=1):
         ptr, cols, vals = rows
-        ctx.ext, ctx.n_in = ext, x.shape[1]
+        ctx.ext, ctx.n_in, ctx.steps = ext, x.shape[1], steps
         ctx.save_for_backward(weight, ptr, cols, vals)
         packed = ext.pack_weight(weight) if packed is None else packed
-        return ext.sparse_input_linear(ptr, cols, vals, packed, bias, weight.shape[0])
+        if steps <= 1:
+            return ext.sparse_input_linear(ptr, cols, vals, packed, bias, weight.shape[0])
+        y = ext.sparse_input_linear(ptr, cols, vals, packed, None, weight.shape[0])
+        yv = y.view(steps, -1, y.shape[1])
+        for t in range(1, steps):  # running sums over the steps (in place: 3x faster than cumsum_ here)
+            yv[t].add_(yv[t - 1])
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -100,9 +110,22 @@ class _SparseInputLinear(torch.autograd.Function):
         weight, ptr, cols, vals = ctx.saved_tensors
         g = g.contiguous()
         gx = g @ weight if ctx.needs_input_grad[0] else None
-        gw = ctx.ext.sparse_input_weight_grad(ptr, cols, vals, g, ctx.n_in) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gs = g
+            if ctx.steps > 1:  # suffix sums over the steps
+                gs = g.clone()
+                gv = gs.view(ctx.steps, -1, g.shape[1])
+                for t in range(ctx.steps - 2, -1, -1):
+                    gv[t].add_(gv[t + 1])
+            gw = ctx.ext.sparse_input_weight_grad(ptr, cols, vals, gs, ctx.n_in)
         gb = g.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
+
+
+# The temporal differences of a multi-step input are taken when they have fewer non-zeros than this share of the
+# input's own (their +-1 values cost a multiply, and building them a pass); 0 switches them off.
+DELTA_GAIN = 0.8
 
 
 def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -113,6 +136,9 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     kernels cannot take these tensors or more than ``max_density`` of ``x`` is non-zero (dense is faster then;
     the kernels sum outputs in blocks of 64 floats, so a layer whose outputs leave a block part-empty, e.g. 10
     outputs, gets the limit times its share of used lanes, 10/64).
+    A multi-step input ``[T, ...]`` (T > 1, at least 64 outputs) goes through its temporal differences when they
+    have fewer than ``DELTA_GAIN`` of its non-zeros: a neuron that fires at step t mostly fired at t - 1 too (85%
+    of fc3's first hidden layer on Fashion-MNIST, whose differences hold 6% non-zeros against its 25%, measured).
     Same values as ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``.
     ``packed``: ``weight`` already packed by :func:`pack_weight` (inference reuses it while the weight is
     unchanged)."""
@@ -121,11 +147,21 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
             or torch.is_autocast_enabled("cpu") or x.numel() == 0):
         return None
-    x2 = x.reshape(-1, x.shape[-1])
-    rows = ext.sparse_rows(x2.contiguous(), float(max_density), weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = ext.sparse_rows(x2, float(max_density), weight.shape[0])
     if not rows:
         return None
-    y = _SparseInputLinear.apply(x2, weight, bias if bias is None else bias.contiguous(), rows, ext, packed)
+    steps = 1
+    if DELTA_GAIN > 0 and x.dim() >= 3 and x.shape[0] > 1 and weight.shape[0] >= 64:
+        T, n_in = x.shape[0], x.shape[-1]
+        with torch.no_grad():  # only the rows are built from it (the function differentiates x2)
+            d = x2.clone()
+            d.view(T, -1, n_in)[1:].sub_(x2.view(T, -1, n_in)[:-1])
+        delta = ext.sparse_rows(d, DELTA_GAIN * float(rows[0][-1]) / x2.numel(), weight.shape[0])
+        if delta:
+            rows, steps = delta, T
+    b = bias if bias is None else bias.contiguous()
+    y = _SparseInputLinear.apply(x2, weight, b, rows, ext, packed, steps)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
