@@ -207,6 +207,12 @@ def test_linear_inference_reuses_the_packed_weight_until_it_changes():
         packed = layer.__dict__["_packed_cache"][1]
         layer(x)
         assert layer.__dict__["_packed_cache"][1] is packed  # unchanged weight: packed once
+        layer.train()  # no mode change (it is training): kept; a repacking per eval() call made inference 10x slower
+        assert layer.__dict__["_packed_cache"][1] is packed
+        layer.eval()  # a mode change: dropped (a fused optimizer may have stepped without bumping the version)
+        assert "_packed_cache" not in layer.__dict__
+        layer(x)
+        packed = layer.__dict__["_packed_cache"][1]
         layer.weight.mul_(2.0)  # an in-place change (an optimizer step, a mask) bumps the version: packed again
         y2 = layer(x)
     assert layer.__dict__["_packed_cache"][1] is not packed

@@ -117,7 +117,8 @@ class _EventMixin:
 
     # ------------------------------------------------------------------------------------- structures
     def train(self, mode: bool = True):
-        self._struct_key = None  # rebuilt on the next call: a fused optimizer's step leaves the version unchanged
+        if mode != self.training:  # rebuilt on the next call: a fused optimizer's step leaves the version unchanged
+            self._struct_key = None
         return super().train(mode)
 
     def _weight_key(self) -> tuple:
@@ -530,7 +531,8 @@ class EventChain(nn.Module):
         self._neurons = [m for m in body if isinstance(m, BaseNeuron)]
 
     def train(self, mode: bool = True) -> EventChain:
-        self._ops_key = None  # rebuilt on the next call: a fused optimizer's step leaves versions unchanged
+        if mode != self.training:  # rebuilt on the next call: a fused optimizer's step leaves versions unchanged
+            self._ops_key = None
         return super().train(mode)
 
     def _layer_keys(self) -> tuple:

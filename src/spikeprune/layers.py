@@ -63,8 +63,8 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def train(self, mode: bool = True) -> Linear:
-        # a mode switch drops the packed weight: a fused optimizer updates weights without bumping their version
-        self.__dict__.pop("_packed_cache", None)
+        if mode != self.training:  # a fused optimizer updates weights without bumping their version
+            self.__dict__.pop("_packed_cache", None)
         return super().train(mode)
 
     def _packed(self) -> torch.Tensor | None:
