@@ -92,7 +92,7 @@ def _ell(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, *payload: torch.Te
     return tuple(out)
 
 
-class _EventMixin:
+class _EventMixin(layers.WeightCached):
     """Mode handling, calibration and the weight-structure cache shared by the event layers."""
 
     MODES: tuple[str, ...] = ()
@@ -116,10 +116,9 @@ class _EventMixin:
         self._struct_key: tuple | None = None
 
     # ------------------------------------------------------------------------------------- structures
-    def train(self, mode: bool = True):
-        if mode != self.training:  # rebuilt on the next call: a fused optimizer's step leaves the version unchanged
-            self._struct_key = None
-        return super().train(mode)
+    def _drop_caches(self) -> None:
+        self._struct_key = None
+        super()._drop_caches()
 
     def _weight_key(self) -> tuple:
         w = self.weight  # a new device, dtype or shape is a new storage: its address and version say it all
@@ -509,7 +508,7 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
 
 
 # -------------------------------------------------------------------------------------- compiled chain
-class EventChain(nn.Module):
+class EventChain(layers.WeightCached, nn.Module):
     """A ``Sequential`` of Flatten / Repeat / Linear / LIF-IF layers run as **one** call into the compiled CPU
     kernels, each Linear on a fixed path (``dense``, ``csr`` or ``event``).
 
@@ -530,10 +529,8 @@ class EventChain(nn.Module):
         self._params = list(body.parameters())
         self._neurons = [m for m in body if isinstance(m, BaseNeuron)]
 
-    def train(self, mode: bool = True) -> EventChain:
-        if mode != self.training:  # rebuilt on the next call: a fused optimizer's step leaves versions unchanged
-            self._ops_key = None
-        return super().train(mode)
+    def _drop_caches(self) -> None:
+        self._ops_key = None
 
     def _layer_keys(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self._params)

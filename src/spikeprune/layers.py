@@ -47,7 +47,22 @@ class Conv2d(nn.Conv2d):
         return seq_apply(self._conv, x, 4)
 
 
-class Linear(nn.Linear):
+class WeightCached:
+    """A module that keeps structures built from its weights, keyed on their ``(data_ptr, _version)``: they are
+    dropped whenever the module switches between training and eval mode too, because PyTorch's fused optimizers
+    update weights in place without bumping their version (``perf.keep_versions`` covers the run's own optimizer).
+    Subclasses drop theirs in ``_drop_caches`` and call ``super()._drop_caches()``."""
+
+    def _drop_caches(self) -> None:
+        pass
+
+    def train(self, mode: bool = True):
+        if mode != self.training:
+            self._drop_caches()
+        return super().train(mode)
+
+
+class Linear(WeightCached, nn.Linear):
     """``nn.Linear`` on any leading dimensions. On CPU, a mostly-zero input (spikes: at most ``max_input_density``
     non-zero) runs :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the
     inputs that spiked; same values and gradients as the dense layer up to float summation order."""
@@ -62,10 +77,9 @@ class Linear(nn.Linear):
                 return y
         return super().forward(x)
 
-    def train(self, mode: bool = True) -> Linear:
-        if mode != self.training:  # a fused optimizer updates weights without bumping their version
-            self.__dict__.pop("_packed_cache", None)
-        return super().train(mode)
+    def _drop_caches(self) -> None:
+        self.__dict__.pop("_packed_cache", None)
+        super()._drop_caches()
 
     def _packed(self) -> torch.Tensor | None:
         """The packed weight, kept while the weight is unchanged (inference: packing costs a pass over it)."""

@@ -187,21 +187,22 @@ class MaskEngine:
         self._park(layer, where)
 
     @torch.no_grad()
-    def _park(self, layer: nn.Module, where: torch.Tensor) -> None:
-        """Set the second moments of the dead weights among ``where`` to 1.0, or +inf under a fused Adam/AdamW
-        (see the module docstring)."""
+    def _park(self, layer: nn.Module, where: torch.Tensor | None = None) -> None:
+        """Set the second moments of the dead weights among ``where`` (default: all of them) to 1.0, or +inf under
+        a fused Adam/AdamW (see the module docstring)."""
         state = self.optimizer.state.get(layer.weight) if self.optimizer is not None else None
         if not state:
             return
         inf = fused_adam(self.optimizer)
+        dead = ~layer.weight_mask if where is None else where & ~layer.weight_mask
         for k in PARKED_STATE:
             v = state.get(k)
             if torch.is_tensor(v) and v.shape == layer.weight.shape:
-                v.masked_fill_(where & ~layer.weight_mask, math.inf if inf else 1.0)
-        if inf and where.shape == layer.weight.shape and bool((where | layer.weight_mask).all()):
-            self._inf_parked[id(layer)] = state.get("exp_avg_sq")  # every dead weight is parked now
-        elif not inf:
+                v.masked_fill_(dead, math.inf if inf else 1.0)
+        if not inf:
             self._inf_parked.pop(id(layer), None)
+        elif where is None:
+            self._inf_parked[id(layer)] = state.get("exp_avg_sq")  # every dead weight is parked now
 
     def _parked_at_inf(self, layer: nn.Module) -> bool:
         """Whether every dead weight of ``layer`` has its second moments at +inf under a fused Adam/AdamW, so that
@@ -213,7 +214,7 @@ class MaskEngine:
         if not state or not torch.is_tensor(state.get("exp_avg_sq")):
             return False  # no state before the first step: that step must see masked gradients
         if self._inf_parked.get(id(layer)) is not state["exp_avg_sq"]:
-            self._park(layer, ~layer.weight_mask)
+            self._park(layer)
         return True
 
     def _after_step(self) -> None:
@@ -223,7 +224,7 @@ class MaskEngine:
         # left after 4096 steps), so park again then and every 4096 steps (one masked fill, negligible)
         if self._steps % 4096 == 0 and self.optimizer is not None:
             for m in self.layers.values():
-                self._park(m, ~m.weight_mask)
+                self._park(m)
         self._steps += 1
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -257,7 +258,7 @@ class MaskEngine:
         step pre-hook calls it (with ``parked``: layers parked at +inf keep dense gradients); call it yourself
         before gradient clipping so the norm sees masked gradients (the hooks then do not see the same gradients
         twice)."""
-        self._grads_masked = not parked
+        self._grads_masked = True
         self._reduce_unit_grad()
         if self.dense_grad_hooks:
             for name, m in self.layers.items():
