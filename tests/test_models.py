@@ -305,3 +305,39 @@ def test_linear_takes_temporal_differences_of_persistent_spikes(dtype, analog):
     with torch.no_grad():  # inference (packed weight) takes it too
         assert torch.allclose(layer(persistent), torch.nn.functional.linear(persistent, layer.weight, layer.bias),
                               rtol=0, atol=tol)
+
+
+def test_dense_but_persistent_input_qualifies_through_its_differences():
+    # 60% of the inputs are on (above the 35% limit) but they barely change over the steps: the differences hold
+    # about 15% + 4% x 3/4 non-zeros and the sparse path takes them; an input that changes at every step stays dense
+    from spikeprune._ext import cpu_kernels
+    from spikeprune.layers import Linear
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    torch.manual_seed(1)
+    base = torch.rand(40, 200) < 0.6
+    steady = torch.stack([base ^ (torch.rand(40, 200) < 0.02) for _ in range(4)]).float()
+    assert float((steady != 0).float().mean()) > 0.55
+    changing = (torch.rand(4, 40, 200) < 0.6).float()
+    layer = Linear(200, 96)
+    ref = torch.nn.Linear(200, 96)
+    ref.load_state_dict(layer.state_dict())
+    x = steady.clone().requires_grad_()
+    y = layer(x)
+    node = y.grad_fn.next_functions[0][0]
+    assert "SparseInputLinear" in type(node).__name__ and node.steps == 4
+    xr = steady.clone().requires_grad_()
+    want = ref(xr)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    assert torch.allclose(y, want, rtol=0, atol=1e-4)
+    for a, b in ((x.grad, xr.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4)
+    assert "SparseInputLinear" not in type(layer(changing.requires_grad_()).grad_fn).__name__
+    # the differences of an exactly repeated analog input are x[0] and then zeros: a sixth of the work
+    static = (torch.rand(40, 200) + 0.5).expand(6, 40, 200).requires_grad_()
+    node = layer(static).grad_fn.next_functions[0][0]
+    assert "SparseInputLinear" in type(node).__name__ and node.steps == 6
+    assert torch.allclose(layer(static), ref(static), rtol=0, atol=1e-4)

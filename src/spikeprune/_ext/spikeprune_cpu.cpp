@@ -527,16 +527,26 @@ void check_sparse_rows(const at::Tensor& ptr, const at::Tensor& cols, const at::
 
 }  // namespace
 
-// x [N, in] contiguous -> [rowptr [N + 1] int64, cols [nnz] int32, vals [nnz] or an empty tensor when every
-// non-zero is 1]; an empty list when nnz > max_density * x.numel() (the dense kernels are then faster). n_out > 0
-// (the layer's outputs) scales max_density by the share of useful lanes: the sparse kernels sum whole blocks of
-// block_width() outputs, so a layer of 10 outputs pays for 64 and breaks even at a lower density.
-std::vector<at::Tensor> sparse_rows(const at::Tensor& x, double max_density, int64_t n_out) {
+// x [N, in] contiguous -> ([rowptr [N + 1] int64, cols [nnz] int32, vals [nnz] or an empty tensor when every
+// non-zero is 1], steps). steps > 1 (x is [steps, N / steps, in] flattened) also counts the non-zeros of the
+// *temporal differences* d (d[0] = x[0], d[t] = x[t] - x[t - 1]) in the same pass, and returns d's rows (and
+// steps) instead when they cost less: their non-zeros divided by delta_gain (a +-1 value costs a multiply where a
+// spike is only an add) below x's own. An empty list when the cheaper of the two holds more than max_density *
+// x.numel() non-zeros (the dense kernels are then faster). n_out > 0 (the layer's outputs) scales max_density by
+// the share of useful lanes: the sparse kernels sum whole blocks of block_width() outputs, so a layer of 10
+// outputs pays for 64 and breaks even at a lower density.
+std::tuple<std::vector<at::Tensor>, int64_t> sparse_rows(const at::Tensor& x, double max_density, int64_t n_out,
+                                                         int64_t steps, double delta_gain) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous CPU [N, in] tensor");
   const int64_t N = x.size(0), n_in = x.size(1);
   TORCH_CHECK(n_in < (int64_t(1) << 31), "too many inputs for int32 indices");
+  TORCH_CHECK(steps >= 1 && N % steps == 0, "steps must divide the rows of x");
+  const bool try_diff = steps > 1 && delta_gain > 0;
+  const int64_t S = N / steps;  // rows per step
   at::Tensor ptr = at::empty({N + 1}, x.options().dtype(at::kLong));
+  std::vector<int64_t> dcount(try_diff ? N : 0);
   std::vector<at::Tensor> out;
+  int64_t used_steps = 1;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_rows", [&] {
     using T_ = scalar_t;
     const T_* X = x.data_ptr<T_>();
@@ -554,32 +564,66 @@ std::vector<at::Tensor> sparse_rows(const at::Tensor& x, double max_density, int
         }
         P[r + 1] = c;
         other += o;
+        if (try_diff) {
+          if (r < S) {
+            dcount[r] = c;
+          } else {
+            const T_* xp = xr - S * n_in;
+            int32_t dc = 0;
+            for (int64_t i = 0; i < n_in; ++i) dc += xr[i] != xp[i];
+            dcount[r] = dc;
+          }
+        }
       }
       if (other) binary = false;
     });
-    for (int64_t r = 0; r < N; ++r) P[r + 1] += P[r];
-    const int64_t nnz = P[N], B = block_width<T_>();
+    int64_t nnz_x = 0, nnz_d = 0;
+    for (int64_t r = 0; r < N; ++r) nnz_x += P[r + 1];
+    for (int64_t r = 0; r < static_cast<int64_t>(dcount.size()); ++r) nnz_d += dcount[r];
+    const bool diff = try_diff && static_cast<double>(nnz_d) < delta_gain * static_cast<double>(nnz_x);
+    const double cost = diff ? static_cast<double>(nnz_d) / delta_gain : static_cast<double>(nnz_x);
+    const int64_t B = block_width<T_>();
     const double useful = n_out > 0 ? static_cast<double>(n_out) / static_cast<double>((n_out + B - 1) / B * B) : 1.0;
-    if (static_cast<double>(nnz) > max_density * useful * static_cast<double>(x.numel())) return;
-    const bool bin = binary.load();
-    // one slot of slack: a branch-free row may write one index past the last non-zero (when every later row is empty)
+    if (cost > max_density * useful * static_cast<double>(x.numel())) return;
+    if (diff)
+      for (int64_t r = 0; r < N; ++r) P[r + 1] = dcount[r];
+    for (int64_t r = 0; r < N; ++r) P[r + 1] += P[r];
+    const int64_t nnz = P[N];
+    const bool bin = !diff && binary.load();
+    // one slot of slack: a branch-free row may write one entry past its last non-zero (when every later row is
+    // empty); the chunk's last row writes only its own entries (the next ones are another thread's)
     at::Tensor cols = at::empty({nnz + 1}, x.options().dtype(at::kInt));
-    at::Tensor vals = bin ? at::empty({0}, x.options()) : at::empty({nnz}, x.options());
+    at::Tensor vals = bin ? at::empty({0}, x.options()) : at::empty({nnz + 1}, x.options());
     int32_t* Cc = cols.data_ptr<int32_t>();
     T_* Vv = bin ? nullptr : vals.data_ptr<T_>();
     at::parallel_for(0, N, rows_grain(n_in), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T_* xr = X + r * n_in;
+        const T_* xp = diff && r >= S ? xr - S * n_in : nullptr;  // the previous step's row
         int64_t k = P[r];
-        if (Vv || r + 1 == e) {  // the chunk's last row must not write past its own entries (another thread's)
+        if (r + 1 == e) {
           for (int64_t i = 0; i < n_in; ++i) {
-            if (xr[i] != T_(0)) {
+            const T_ v = xp ? xr[i] - xp[i] : xr[i];
+            if (v != T_(0)) {
               Cc[k] = static_cast<int32_t>(i);
-              if (Vv) Vv[k] = xr[i];
+              if (Vv) Vv[k] = v;
               ++k;
             }
           }
-        } else {  // branch-free: write every index, advance past the non-zeros (the next row overwrites the rest)
+        } else if (xp) {  // branch-free: write every entry, advance past the non-zeros (the next overwrite the rest)
+          for (int64_t i = 0; i < n_in; ++i) {
+            const T_ v = xr[i] - xp[i];
+            Cc[k] = static_cast<int32_t>(i);
+            Vv[k] = v;
+            k += v != T_(0);
+          }
+        } else if (Vv) {
+          for (int64_t i = 0; i < n_in; ++i) {
+            Cc[k] = static_cast<int32_t>(i);
+            Vv[k] = xr[i];
+            k += xr[i] != T_(0);
+          }
+        } else {
           for (int64_t i = 0; i < n_in; ++i) {
             Cc[k] = static_cast<int32_t>(i);
             k += xr[i] != T_(0);
@@ -587,9 +631,10 @@ std::vector<at::Tensor> sparse_rows(const at::Tensor& x, double max_density, int
         }
       }
     });
-    out = {ptr, cols.narrow(0, 0, nnz), vals};
+    out = {ptr, cols.narrow(0, 0, nnz), bin ? vals : vals.narrow(0, 0, nnz)};
+    used_steps = diff ? steps : 1;
   });
-  return out;
+  return {out, used_steps};
 }
 
 namespace {
@@ -1063,7 +1108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("event_linear", &event_linear, "event-driven linear layer over the non-zero inputs (CPU)");
   m.def("csr_linear", &csr_linear, "CSR sparse-weight linear layer (CPU)");
   m.def("sparse_rows", &sparse_rows, "the non-zero entries of each row of a mostly-zero [N, in] input (CPU)",
-        py::arg("x"), py::arg("max_density"), py::arg("n_out") = 0);
+        py::arg("x"), py::arg("max_density"), py::arg("n_out") = 0, py::arg("steps") = 1, py::arg("delta_gain") = 0.0);
   m.def("pack_weight", &pack_weight, "W [out, in] packed for sparse_input_linear (CPU)");
   m.def("sparse_input_linear", &sparse_input_linear, "x W^T + b over x's non-zero inputs (CPU)");
   m.def("sparse_input_weight_grad", &sparse_input_weight_grad, "x^T g over x's non-zero inputs (CPU)");

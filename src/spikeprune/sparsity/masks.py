@@ -35,6 +35,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -267,12 +268,14 @@ class MaskEngine:
                         hook(name, m, m.weight.grad)
         self._mask_grads(parked)
 
-    @torch.no_grad()
     def _mask_grads(self, parked: bool = False) -> None:
-        for m in self.layers.values():
-            mult = self._multiplier(m)
-            if m.weight.grad is not None and mult is not None and not (parked and self._parked_at_inf(m)):
-                m.weight.grad.mul_(mult)
+        with torch.no_grad():
+            for m in self.layers.values():
+                if m.weight.grad is None or (parked and self._parked_at_inf(m)):
+                    continue
+                mult = self._multiplier(m)
+                if mult is not None:
+                    m.weight.grad.mul_(mult)
 
     # ------------------------------------------------------------------------------------ unit masks
     @property
@@ -554,17 +557,23 @@ def select_per_row(score: torch.Tensor, k: torch.Tensor | int, candidates: torch
 def _select_first_k(s: torch.Tensor, k: int, largest: bool, cand: torch.Tensor) -> torch.Tensor:
     """What a stable sort of each row of ``s`` would rank first ``k`` times (ties by position), among ``cand``:
     everything strictly better than the k-th value, then the first of the entries equal to it. O(n) per row
-    (``kthvalue``) where the sort was O(n log n): the epoch-end rewiring of fc3 spent 70% of its time sorting."""
+    (a selection) where the sort was O(n log n): the epoch-end rewiring of fc3 spent 70% of its time sorting. On
+    CPU the selection is NumPy's ``partition`` (0.4 ms for 600k floats, where ``torch.kthvalue`` takes 8)."""
     n = s.shape[1]
     if k <= 0 or n == 0:
         return torch.zeros_like(cand)
     if k >= n:
         return cand.clone()
     v = -s if largest else s
-    thr = v.kthvalue(k, dim=1, keepdim=True).values
+    if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64):
+        thr = torch.from_numpy(np.partition(v.detach().numpy(), k - 1, axis=1)[:, k - 1:k].copy())
+    else:
+        thr = v.kthvalue(k, dim=1, keepdim=True).values
     better = v < thr
     equal = v == thr
     need = k - better.sum(1, keepdim=True)
+    if bool((equal.sum(1, keepdim=True) <= need).all()):  # no tie to break (continuous scores): no cumsum pass
+        return (better | equal) & cand
     return (better | (equal & (equal.cumsum(1) <= need))) & cand
 
 
