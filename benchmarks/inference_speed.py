@@ -224,11 +224,13 @@ def unstructured(args) -> tuple[list[dict], list[str]]:
         for h in hooks:
             h.remove()
         guard = check_network(variants["auto"], bs, rounds=args.rounds)  # auto holds for the whole network
+        duels = "; ".join(f"{n} {1e3 * a:.3f} vs {1e3 * d:.3f} dense" for n, (a, d) in guard["layers"].items())
         notes.append(f"- Batch {b}: auto's network check: auto {1e3 * guard['auto_s']:.3f} ms vs all-dense "
-                     f"{1e3 * guard['dense_s']:.3f} ms per pass, kept {guard['kept']}")
+                     f"{1e3 * guard['dense_s']:.3f} ms per pass, kept {guard['kept']}"
+                     + (f" (after per-layer duels, its choices vs dense in ms per pass: {duels})" if duels else ""))
         # auto's paths for this batch size, frozen into one compiled call for the whole body
         chain = compile_chain(to_event_driven(model, mode="auto", example_input=x[:2], repeats=args.calib_repeats),
-                              bs)
+                              bs, rounds=args.rounds)
         notes.append(f"- Batch {b}: chain paths " + ", ".join(f"{n} {p}" for n, p in chain.body.paths.items()))
         t = interleaved({**variants, "chain": chain}, bs, args.rounds)
         with torch.no_grad():

@@ -77,6 +77,35 @@ def test_event_linear_edge_inputs(mode):
         assert torch.allclose(empty(spikes(2, 40, rate=0.5)), empty.bias.expand(2, 30), atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_event_path_over_temporal_differences_equals_dense(dtype, batch):
+    # units that keep firing (most of them) and some that start or stop: the event path adds only the changes
+    # from one step to the next (+1, -1 and analog differences) to the previous step's output
+    from spikeprune._ext import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    m = sparse_linear(90, 40, 0.3, mode="event").to(dtype)
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(batch, 90, generator=g) < 0.4
+    steady = torch.stack([base ^ (torch.rand(batch, 90, generator=g) < 0.05) for _ in range(6)]).to(dtype)
+    analog = steady * (1 + torch.rand(batch, 90, generator=g, dtype=dtype))  # constant while a unit stays on
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    ext = cpu_kernels()
+    st = m._structures()
+    for x in (steady, analog, torch.zeros(6, batch, 90, dtype=dtype)):
+        want = F.linear(x, m.weight, m.bias)
+        with torch.no_grad():
+            assert torch.allclose(m(x), want, rtol=0, atol=tol)
+            flat = x.reshape(-1, 90).contiguous()
+            for steps in (1, 2, 3, 6):  # any split of the rows into steps gives the same outputs
+                got = ext.event_linear(flat, *st["csc_arrays"], m.bias, 40, steps)
+                assert torch.allclose(got, want.reshape(-1, 40), rtol=0, atol=tol), steps
+    with pytest.raises(RuntimeError, match="steps must divide"):
+        ext.event_linear(steady.reshape(-1, 90).contiguous(), *st["csc_arrays"], m.bias, 40, 4 * batch + 1)
+
+
 def test_event_linear_float64_and_weight_updates():
     m = sparse_linear(60, 50, 0.2, mode="event").double()
     x = spikes(8, 60, rate=0.2).double()
@@ -343,11 +372,47 @@ def test_check_network_keeps_the_faster_of_auto_and_dense(slow):
 
     setattr(layer, f"_{slow}", slowed)
     out = check_network(model, x, rounds=3)
-    assert out["kept"] == ("dense" if slow == "event" else "auto")
+    if slow == "event":  # the network lost to dense: the layer got its own duel in the network, and lost it
+        its, dense = out["layers"]["0"]
+        assert dense < its
+    else:  # the network won: no layer needed a duel of its own
+        assert out["kept"] == "auto" and out["layers"] == {}
     assert all(layer.choice[k] == ("dense" if slow == "event" else "event") for k in layer.choice)
     assert layer.mode == "auto"
     # dense kept: that input shape now goes dense at once, whatever the rate of a later batch
     assert (x0.shape in layer.dense_shapes) == (slow == "event")
+
+
+def test_check_network_sends_only_the_losing_layer_dense():
+    # two layers whose event paths are chosen; the first one's is slowed on purpose, more than the second one's
+    # dense path: the network loses to dense, the first layer alone goes dense and the second keeps its event path
+    # (an all-or-nothing check would have lost it too)
+    import time as _time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(EventLinear(20, 16, bias=False, mode="auto"), EventLinear(16, 8, bias=False, mode="auto"))
+    x0 = (torch.rand(3, 20) < 0.3).float()
+    with torch.no_grad():  # (the second layer sees the first one's analog outputs: every path takes them)
+        model(x0)
+    for m in model:
+        for k in m.choice:
+            m.choice[k] = "event"
+    real_event, real_dense = model[0]._event, model[1]._dense
+
+    def slow_event(*a):
+        _time.sleep(0.010)
+        return real_event(*a)
+
+    def slow_dense(*a):
+        _time.sleep(0.004)
+        return real_dense(*a)
+
+    model[0]._event, model[1]._dense = slow_event, slow_dense
+    out = check_network(model, [x0, x0.flip(0)], rounds=3)
+    assert set(out["layers"]) == {"0", "1"}
+    assert all(c == "dense" for c in model[0].choice.values()) and x0.shape in model[0].dense_shapes
+    assert all(c == "event" for c in model[1].choice.values()) and not model[1].dense_shapes
+    assert out["kept"] == "auto"
 
 
 def test_event_layers_and_chain_rebuild_after_a_fused_step_and_a_mode_switch():

@@ -13,7 +13,9 @@ mode       what it computes                                                     
 ``gather`` the sum of the weight columns of the inputs that spiked                    input spikes
            (``F.embedding_bag``), Linear only
 ``event``  every spike adds only the non-zero weights of its input (scatter-add):      spikes and weights
-           the work is exactly the effective synaptic operations (SOPs)
+           the work is exactly the effective synaptic operations (SOPs); on CPU, a
+           multi-step input whose units mostly keep firing adds only the *changes*
+           from one step to the next to the previous step's output
 =========  =========================================================================  ==========================
 
 ``mode="auto"`` (default) times the candidate paths once per *(input shape, input-rate bucket)* on the real input
@@ -245,6 +247,8 @@ class EventLinear(_EventMixin, layers.Linear):
 
     def _flat(self, x: torch.Tensor):
         lead = x.shape[:-1]
+        # the steps of a multi-step [T, B, in] input, for the event path's temporal differences
+        self.__dict__["_steps"] = x.shape[0] if x.dim() >= 3 else 1
         return x.reshape(-1, self.in_features), lambda y: y.reshape(*lead, self.out_features)
 
     # ---------------------------------------------------------------------------------------- the paths
@@ -292,8 +296,10 @@ class EventLinear(_EventMixin, layers.Linear):
 
     def _event(self, x2: torch.Tensor, st: dict) -> torch.Tensor:
         ext = self._compiled(x2)
-        if ext is not None:  # one call: every non-zero input adds its column's non-zero weights
-            return ext.event_linear(x2.contiguous(), *st["csc_arrays"], self.bias, self.out_features)
+        if ext is not None:  # one call: every non-zero input (or change of an input) adds its column's weights
+            steps = self.__dict__.get("_steps", 1)
+            return ext.event_linear(x2.contiguous(), *st["csc_arrays"], self.bias, self.out_features,
+                                    steps if x2.shape[0] % steps == 0 else 1)
         r, c, v = self._spikes(x2)
         n_out = self.out_features
         y = torch.zeros(x2.shape[0] * n_out, dtype=x2.dtype, device=x2.device)
@@ -470,12 +476,15 @@ def to_event_driven(model: nn.Module, mode: str = "auto", example_input: torch.T
 def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int = 5) -> dict:
     """Hold ``auto`` to "never slower than dense" for the whole network on ``inputs`` (batches of one shape).
 
-    Each layer's choice is timed on its own; the network can still be slower than all-dense (a path timed
-    back-to-back on one layer runs with warmer caches than it does in the network, and Python dispatch adds up).
-    This times ``model`` over ``inputs`` with the layers' auto choices against all event layers forced dense, in
-    ``rounds`` interleaved rounds, and when dense wins (median), sets every key these inputs reached to ``dense``.
-    Returns ``{"auto_s": ..., "dense_s": ..., "kept": "auto" | "dense", "keys": {layer: keys seen}}`` (seconds per
-    pass over ``inputs``)."""
+    Each layer's choice is timed on its own; in the network it can still lose to dense (a path timed back-to-back
+    on one layer runs with warmer caches than it does in the network, and Python dispatch adds up). So the whole
+    network is timed against every event layer forced dense. When dense wins, each layer is tried on its own: the
+    network with that layer's choices against the same network with that layer dense (the others as chosen so
+    far); a layer that does not win goes dense, so one layer that loses does not cost the others their gain. A
+    last network duel then sends every layer dense if dense still wins. Each duel takes ``rounds`` interleaved
+    rounds (median); a layer that goes dense gets ``dense`` for every key these inputs reached. Returns
+    ``{"auto_s": ..., "dense_s": ..., "kept": "auto" | "dense", "layers": {layer: (its choices' s, dense s)},
+    "keys": {layer: keys seen}}`` (seconds per pass over ``inputs``; ``layers``: the per-layer duels, if any)."""
     inputs = list(inputs)
     layers = event_layers(model)
     seen: dict[str, set] = {n: set() for n in layers}
@@ -484,30 +493,46 @@ def check_network(model: nn.Module, inputs: Iterable[torch.Tensor], rounds: int 
         for n, m in layers.items():
             if m.mode == "auto" and m.last_key is not None:
                 seen[n].add(m.last_key)
-    times: dict[str, list[float]] = {"auto": [], "dense": []}
     modes = {n: m.mode for n, m in layers.items()}
-    for r in range(rounds):
-        for variant in (("auto", "dense") if r % 2 == 0 else ("dense", "auto")):
-            for n, m in layers.items():
-                m.mode = "dense" if variant == "dense" else modes[n]
-            t0 = time.perf_counter()
-            for x in inputs:
-                model(x)
-            _sync(inputs[0].device)
-            times[variant].append(time.perf_counter() - t0)
-    for n, m in layers.items():
-        m.mode = modes[n]
-    auto_s, dense_s = (sorted(v)[len(v) // 2] for v in (times["auto"], times["dense"]))
-    kept = "auto" if auto_s <= dense_s else "dense"
-    if kept == "dense":  # for these input shapes, whatever their rates: the check timed the network, not a rate
-        for n, m in layers.items():
+
+    def duel(dense: list[str]) -> tuple[float, float]:
+        """Median seconds per pass: the layers as chosen, and with those in ``dense`` forced dense."""
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds):
+            for forced in ((False, True) if r % 2 == 0 else (True, False)):
+                for n in dense:
+                    layers[n].mode = "dense" if forced else modes[n]
+                t0 = time.perf_counter()
+                for x in inputs:
+                    model(x)
+                _sync(inputs[0].device)
+                times[forced].append(time.perf_counter() - t0)
+        for n in dense:
+            layers[n].mode = modes[n]
+        return tuple(sorted(v)[len(v) // 2] for v in (times[False], times[True]))
+
+    def to_dense(names: Iterable[str]) -> None:  # for these input shapes, whatever their rates
+        for n in names:
             for k in seen[n]:
-                m.choice[k] = "dense"
-                m.dense_shapes.add(torch.Size(k[0]))
-    return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept, "keys": seen}
+                layers[n].choice[k] = "dense"
+                layers[n].dense_shapes.add(torch.Size(k[0]))
+
+    per_layer = {}
+    auto_s, dense_s = duel(list(layers))
+    if auto_s > dense_s:
+        for n, m in layers.items():
+            if modes[n] == "auto" and any(m.choice.get(k) != "dense" for k in seen[n]):
+                per_layer[n] = duel([n])
+                if per_layer[n][1] < per_layer[n][0]:
+                    to_dense([n])
+        if per_layer:
+            auto_s, dense_s = duel(list(layers))
+    kept = "auto" if auto_s <= dense_s else "dense"
+    if kept == "dense":
+        to_dense(layers)
+    return {"auto_s": auto_s, "dense_s": dense_s, "kept": kept, "layers": per_layer, "keys": seen}
 
 
-# -------------------------------------------------------------------------------------- compiled chain
 class EventChain(layers.WeightCached, nn.Module):
     """A ``Sequential`` of Flatten / Repeat / Linear / LIF-IF layers run as **one** call into the compiled CPU
     kernels, each Linear on a fixed path (``dense``, ``csr`` or ``event``).
@@ -605,15 +630,15 @@ def _chain_op(name: str, m: nn.Module, path: str) -> tuple[int, list[torch.Tenso
 
 
 @torch.no_grad()
-def compile_chain(model: nn.Module, inputs: Iterable[torch.Tensor], attr: str = "body") -> nn.Module:
+def compile_chain(model: nn.Module, inputs: Iterable[torch.Tensor], attr: str = "body", rounds: int = 5) -> nn.Module:
     """Replace ``model.<attr>`` (a ``Sequential``, e.g. of :func:`to_event_driven`'s copy) by an
     :class:`EventChain`, each EventLinear fixed to the path ``auto`` takes on ``inputs`` after
-    :func:`check_network` (so the chain never uses a path slower than dense there). Build one per deployment batch
-    size: the best path depends on it. Returns ``model``."""
+    :func:`check_network` with ``rounds`` (so the chain never uses a path slower than dense there). Build one per
+    deployment batch size: the best path depends on it. Returns ``model``."""
     body = getattr(model, attr)
     if not isinstance(body, nn.Sequential):
         raise ValueError(f"model.{attr} must be an nn.Sequential, got {type(body).__name__}")
-    keys = check_network(model, inputs)["keys"]
+    keys = check_network(model, inputs, rounds)["keys"]
     paths = {}
     for n, m in body.named_children():  # the path each layer takes on these inputs now (the most common one)
         if not isinstance(m, EventLinear):

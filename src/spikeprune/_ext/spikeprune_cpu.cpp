@@ -421,11 +421,15 @@ void csr_rows(const T* xn, const int64_t* P, const int64_t* Cc, const T* W, cons
 }  // namespace
 
 // x [N, in]; colptr [in + 1], rows [nnz], vals [nnz]: the non-zero weights of each input column (CSC).
+// steps > 1 (x is [steps, N / steps, in] flattened): when fewer inputs change from one step to the next than are
+// non-zero (spikes of units that keep firing), row n of a step t >= 1 starts from the output of the same sample at
+// t - 1 and adds (x[n, i] - x[n - N / steps, i]) W[:, i] over the inputs that changed only.
 at::Tensor event_linear(const at::Tensor& x, const at::Tensor& colptr, const at::Tensor& rows, const at::Tensor& vals,
-                        const c10::optional<at::Tensor>& bias, int64_t n_out) {
+                        const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t steps) {
   check_linear(x, colptr, rows, vals, bias, n_out);
   const int64_t N = x.size(0), n_in = x.size(1);
   TORCH_CHECK(colptr.numel() == n_in + 1, "colptr must have in + 1 entries");
+  TORCH_CHECK(steps >= 1 && N % steps == 0, "steps must divide the rows of x");
   at::Tensor y = at::empty({N, n_out}, x.options());
   const bool has_b = bias.has_value() && bias->defined();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "event_linear", [&] {
@@ -436,22 +440,59 @@ at::Tensor event_linear(const at::Tensor& x, const at::Tensor& colptr, const at:
     const T_* W = vals.data_ptr<T_>();
     const T_* Bs = has_b ? bias->data_ptr<T_>() : nullptr;
     T_* Y = y.data_ptr<T_>();
+    const int64_t S = N / steps;
+    // adds d * W[:, i] into yn for every input i with d = xn[i] - (xp ? xp[i] : 0) != 0
+    auto add_inputs = [&](const T_* xn, const T_* xp, T_* yn) {
+      for (int64_t i = 0; i < n_in; ++i) {
+        const T_ d = xp ? xn[i] - xp[i] : xn[i];
+        if (d == T_(0)) continue;
+        const int64_t j1 = P[i + 1];
+        if (d == T_(1)) {  // a spike: additions only
+          for (int64_t j = P[i]; j < j1; ++j) yn[R[j]] += W[j];
+        } else if (d == T_(-1)) {  // a unit that stopped firing
+          for (int64_t j = P[i]; j < j1; ++j) yn[R[j]] -= W[j];
+        } else {
+          for (int64_t j = P[i]; j < j1; ++j) yn[R[j]] += d * W[j];
+        }
+      }
+    };
+    bool delta = false;
+    if (steps > 1) {  // a scan of the input against the work it saves (each input's column of weights)
+      const int64_t nz = at::parallel_reduce(0, N * n_in, int64_t(1) << 14, int64_t(0),
+          [&](int64_t b, int64_t e, int64_t acc) { for (int64_t k = b; k < e; ++k) acc += X[k] != T_(0); return acc; },
+          std::plus<int64_t>());
+      const int64_t ch = at::parallel_reduce(S * n_in, N * n_in, int64_t(1) << 14, int64_t(0),
+          [&](int64_t b, int64_t e, int64_t acc) {
+            for (int64_t k = b; k < e; ++k) acc += X[k] != X[k - S * n_in];
+            return acc;
+          }, std::plus<int64_t>());
+      int64_t first = 0;  // non-zeros of step 0 (its rows are summed whole either way)
+      for (int64_t k = 0; k < S * n_in; ++k) first += X[k] != T_(0);
+      delta = ch + first < 0.9 * static_cast<double>(nz);  // 10% margin for the copies of the previous outputs
+    }
     const int64_t per_row = n_in + vals.numel() / 8;  // rough: a scan of the input and a fraction of the weights
-    at::parallel_for(0, N, rows_grain(per_row), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const T_* xn = X + n * n_in;
-        T_* yn = Y + n * n_out;
-        if (Bs) std::copy(Bs, Bs + n_out, yn); else std::fill(yn, yn + n_out, T_(0));
-        for (int64_t i = 0; i < n_in; ++i) {
-          const T_ xv = xn[i];
-          if (xv == T_(0)) continue;
-          const int64_t j1 = P[i + 1];
-          if (xv == T_(1)) {  // a spike: additions only
-            for (int64_t j = P[i]; j < j1; ++j) yn[R[j]] += W[j];
-          } else {
-            for (int64_t j = P[i]; j < j1; ++j) yn[R[j]] += xv * W[j];
+    if (delta) {  // parallel over samples, each running its steps in order
+      at::parallel_for(0, S, rows_grain(per_row * steps), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t t = 0; t < steps; ++t) {
+            const int64_t n = t * S + b;
+            T_* yn = Y + n * n_out;
+            if (t == 0) {
+              if (Bs) std::copy(Bs, Bs + n_out, yn); else std::fill(yn, yn + n_out, T_(0));
+            } else {
+              std::copy(yn - S * n_out, yn - S * n_out + n_out, yn);
+            }
+            add_inputs(X + n * n_in, t == 0 ? nullptr : X + (n - S) * n_in, yn);
           }
         }
+      });
+      return;
+    }
+    at::parallel_for(0, N, rows_grain(per_row), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T_* yn = Y + n * n_out;
+        if (Bs) std::copy(Bs, Bs + n_out, yn); else std::fill(yn, yn + n_out, T_(0));
+        add_inputs(X + n * n_in, nullptr, yn);
       }
     });
   });
@@ -1020,7 +1061,7 @@ std::vector<at::Tensor> unit_scale(const at::Tensor& x, const at::Tensor& m, con
 // from Python costs more than the layer's event-driven work. op kinds and their tensors / scalars:
 //   0 flatten the last s[0] dims      1 repeat over T = s[0] (a stride-0 view)
 //   2 dense linear {W[, b]}           3 CSR linear {rowptr, cols, vals[, b]}, s = {out}
-//   4 event linear {colptr, rows, vals[, b]}, s = {out}
+//   4 event linear {colptr, rows, vals[, b]}, s = {out} (over temporal differences when they are fewer)
 //   5 LIF/IF (at rest at 0 or soft reset), s = {a, b, c, lerp, k, v_th, v_reset, hard}
 at::Tensor chain_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
                          const std::vector<std::vector<at::Tensor>>& tensors, const std::vector<std::vector<double>>& s) {
@@ -1045,8 +1086,9 @@ at::Tensor chain_forward(const at::Tensor& x, const std::vector<int64_t>& kinds,
         const at::Tensor y2 = y.reshape({-1, y.size(-1)}).contiguous();
         const c10::optional<at::Tensor> bias = ts.size() > 3 ? c10::optional<at::Tensor>(ts[3]) : c10::nullopt;
         const int64_t n_out = static_cast<int64_t>(sc.at(0));
+        const int64_t steps = y.dim() >= 3 ? y.size(0) : 1;  // [T, B, in]: the event path may take differences
         at::Tensor out = kinds[i] == 3 ? csr_linear(y2, ts.at(0), ts.at(1), ts.at(2), bias, n_out)
-                                       : event_linear(y2, ts.at(0), ts.at(1), ts.at(2), bias, n_out);
+                                       : event_linear(y2, ts.at(0), ts.at(1), ts.at(2), bias, n_out, steps);
         lead.push_back(n_out);
         y = out.view(lead);
         break;
@@ -1105,7 +1147,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unit_scale", &unit_scale, "x * m per unit, optionally with the per-unit dot with s (CPU)");
   m.def("lif_forward", &lif_forward, "multi-step LIF/IF forward (CPU)");
   m.def("lif_backward", &lif_backward, "multi-step LIF/IF BPTT backward, detached reset (CPU)");
-  m.def("event_linear", &event_linear, "event-driven linear layer over the non-zero inputs (CPU)");
+  m.def("event_linear", &event_linear, "event-driven linear layer over the non-zero inputs (CPU)", py::arg("x"),
+        py::arg("colptr"), py::arg("rows"), py::arg("vals"), py::arg("bias"), py::arg("n_out"), py::arg("steps") = 1);
   m.def("csr_linear", &csr_linear, "CSR sparse-weight linear layer (CPU)");
   m.def("sparse_rows", &sparse_rows, "the non-zero entries of each row of a mostly-zero [N, in] input (CPU)",
         py::arg("x"), py::arg("max_density"), py::arg("n_out") = 0, py::arg("steps") = 1, py::arg("delta_gain") = 0.0);
