@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikeprune._ext import use_cpp
+from spikeprune.layers import Linear
 from spikeprune.models import create_model
 from spikeprune.neurons import BaseNeuron
 
@@ -202,8 +203,15 @@ def build(framework: str, name: str, T: int) -> tuple[nn.Module, object]:
     """(model, reset function or None)."""
     if framework in ("spikeprune", "spikeprune-eager"):  # eager: the same model, compiled kernels off (below)
         return ours(name, T), None
-    if framework == "spikeprune-identity":
-        return ours(name, T, identity=True), None
+    if framework in ("spikeprune-identity", "spikeprune-dense-linear"):
+        # every Linear a dense matrix product. With identity neurons the layers after the static stem see its
+        # output repeated over T, whose temporal differences are zero after the first step: the spike-sparse path
+        # would do 1/T of the synaptic work and the identity net would no longer time "the layers alone"
+        model = ours(name, T, identity=framework == "spikeprune-identity")
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.max_input_density = 0.0
+        return model, None
     if framework.endswith("-nhwc"):  # the other framework with its conv weights (so activations) channels-last
         model, reset = build(framework[:-len("-nhwc")], name, T)
         return model.to(memory_format=torch.channels_last), reset
@@ -383,7 +391,11 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
               "which their users can do by hand: the gap that is left there is the neurons' alone.",
               "- Ratios are spikeprune samples/s over the other framework's (> 1: spikeprune faster). "
               "Neuron overhead: spikeprune training step time over the same network with identity neurons "
-              "(same layers, same layout). *compiled / eager*: spikeprune with its compiled CPU kernels (neuron, "
+              "(same layers, same layout, every Linear a dense matrix product: the synaptic work alone); "
+              "spikeprune's own Linear layers run spike-sparse, so the *dense Linear* column compares like with "
+              "like, spikeprune with every Linear dense (`max_input_density = 0`) over the identity network (the "
+              "neurons' own cost). "
+              "*compiled / eager*: spikeprune with its compiled CPU kernels (neuron, "
               "spike-sparse Linear) "
               "(`spikeprune._ext`) over the same model with it switched off (`use_cpp(False)`).", ""]
     def get(cfg, phase, fw):
@@ -400,6 +412,8 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
             cols.append("compiled / eager kernels")
         if phase == "train":
             cols.append("neuron overhead (ours / identity step time)")
+            if "spikeprune-dense-linear" in frameworks:
+                cols.append("neuron overhead, dense Linear (ours / identity)")
         cols.append("firing rates (last step)" if phase == "train" else "firing rates (untrained model)")
         lines += [f"## {title} (samples/s, median of rounds)", "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * 3 + "---:|" * (len(cols) - 3)]
@@ -413,6 +427,9 @@ def report(rows: list[dict], parities: list[tuple], frameworks: list[str], head:
             if phase == "train":
                 ident = get(cfg, phase, "spikeprune-identity")
                 cells.append(ratio(me["ms_per_batch"], ident["ms_per_batch"]) if ident else "-")
+                if "spikeprune-dense-linear" in frameworks:
+                    dl = get(cfg, phase, "spikeprune-dense-linear")
+                    cells.append(ratio(dl["ms_per_batch"], ident["ms_per_batch"]) if dl and ident else "-")
             cells.append(me["hidden_rates"])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -435,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--frameworks", nargs="+",
-                   default=["spikeprune", "spikeprune-eager", "spikeprune-identity", "spikingjelly", "snntorch",
+                   default=["spikeprune", "spikeprune-eager", "spikeprune-identity", "spikeprune-dense-linear",
+                            "spikingjelly", "snntorch",
                             "spikingjelly-nhwc", "snntorch-nhwc"],
                    help="'-nhwc' variants: that framework's model converted to channels-last (convnet only)")
     p.add_argument("--configs", nargs="+", default=[f"{m}:{T}" for m, T in CONFIGS], help="model:T pairs")

@@ -310,12 +310,14 @@ def test_throughput_quick(tmp_path):
     load_script("throughput").main(["--quick", "--configs", "fc3:4", "convnet:4", "--out", str(tmp_path)])
     rows = read_csv(tmp_path / "throughput.csv")
     frameworks = {(r["model"], r["framework"]) for r in rows}
-    base = {"spikeprune", "spikeprune-eager", "spikeprune-identity", "spikingjelly", "snntorch"}
+    base = {"spikeprune", "spikeprune-eager", "spikeprune-identity", "spikeprune-dense-linear", "spikingjelly",
+            "snntorch"}
     assert frameworks == {("fc3", f) for f in base} | {("convnet", f) for f in base | {
         "spikingjelly-nhwc", "snntorch-nhwc"}}  # channels-last variants only where there are 4-D activations
     assert all(float(r["samples_per_s"]) > 0 for r in rows)
     md = (tmp_path / "throughput.md").read_text()
     assert "Static first layer" in md and "## Parity" in md and "compiled / eager kernels" in md
+    assert "neuron overhead, dense Linear" in md
     # identical architectures: spikeprune's weights in the other frameworks give spikeprune's outputs
     parity = [line for line in md.splitlines() if line.startswith("| fc3 |") or line.startswith("| convnet |")]
     assert any("| 0 |" in line for line in parity)
