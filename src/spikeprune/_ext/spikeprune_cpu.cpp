@@ -458,17 +458,16 @@ at::Tensor event_linear(const at::Tensor& x, const at::Tensor& colptr, const at:
     };
     bool delta = false;
     if (steps > 1) {  // a scan of the input against the work it saves (each input's column of weights)
-      const int64_t nz = at::parallel_reduce(0, N * n_in, int64_t(1) << 14, int64_t(0),
-          [&](int64_t b, int64_t e, int64_t acc) { for (int64_t k = b; k < e; ++k) acc += X[k] != T_(0); return acc; },
-          std::plus<int64_t>());
-      const int64_t ch = at::parallel_reduce(S * n_in, N * n_in, int64_t(1) << 14, int64_t(0),
-          [&](int64_t b, int64_t e, int64_t acc) {
-            for (int64_t k = b; k < e; ++k) acc += X[k] != X[k - S * n_in];
-            return acc;
-          }, std::plus<int64_t>());
-      int64_t first = 0;  // non-zeros of step 0 (its rows are summed whole either way)
-      for (int64_t k = 0; k < S * n_in; ++k) first += X[k] != T_(0);
-      delta = ch + first < 0.9 * static_cast<double>(nz);  // 10% margin for the copies of the previous outputs
+      auto count = [&](int64_t begin, int64_t end, int64_t lag) {  // entries k with X[k] != (lag ? X[k - lag] : 0)
+        return at::parallel_reduce(begin, end, int64_t(1) << 14, int64_t(0), [&](int64_t b, int64_t e, int64_t acc) {
+          for (int64_t k = b; k < e; ++k) acc += X[k] != (lag ? X[k - lag] : T_(0));
+          return acc;
+        }, std::plus<int64_t>());
+      };
+      const int64_t first = count(0, S * n_in, 0);  // step 0's rows are summed whole either way
+      const int64_t later = count(S * n_in, N * n_in, 0), changed = count(S * n_in, N * n_in, S * n_in);
+      // 10% margin for the copies of the previous outputs
+      delta = static_cast<double>(first + changed) < 0.9 * static_cast<double>(first + later);
     }
     const int64_t per_row = n_in + vals.numel() / 8;  // rough: a scan of the input and a fraction of the weights
     if (delta) {  // parallel over samples, each running its steps in order
