@@ -15,6 +15,12 @@ epoch-end callbacks (mask updates of pq_rewire and sca). Evaluation and checkpoi
 are not run. The first epoch is a warm-up and left out of the ratios; ratios are method time / dense time (1.00 =
 free bookkeeping). Masked weights are still multiplied densely: this measures overhead, not a sparse speed-up.
 
+After the epochs, each trained net is rebuilt as a plain model (masks folded into its weights) and timed for
+forward + backward passes on fixed batches, in turns (``--probe-rounds``): no optimizer step, so the weights and
+the firing stay put. Its ratio to the dense net's separates what a method's *firing* costs (a spike-sparse
+``Linear`` works in proportion to its non-zero inputs, or to those that changed since the step before, both
+reported per layer) from what its bookkeeping costs.
+
 ``sca`` prunes conv channels only, so it runs on ``convnet`` and is skipped for ``fc3``.
 
 Usage::
@@ -45,7 +51,8 @@ from spikeprune.config import RunConfig, from_dict  # noqa: E402
 from spikeprune.data import build_loaders  # noqa: E402
 from spikeprune.graph import SYNAPTIC  # noqa: E402
 from spikeprune.layers import Linear  # noqa: E402
-from spikeprune.train import Trainer  # noqa: E402
+from spikeprune.models import create_model  # noqa: E402
+from spikeprune.train import Trainer, spike_loss  # noqa: E402
 
 METHODS = ["dense", "pq_rewire", "sca", "dynsnn"]
 CONV_ONLY = {"sca"}
@@ -64,9 +71,9 @@ def make_trainer(method: str, model: str, T: int, loaders, args, out_dir: str) -
     return Trainer(cfg, loaders=loaders, log=lambda *a, **k: None)
 
 
-def sync(trainer: Trainer) -> None:
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Turns(Callback):
@@ -82,7 +89,7 @@ class Turns(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         step = trainer.step_in_epoch
         if self.chunk and step % self.chunk == 0 and step < self.steps:
-            sync(trainer)
+            sync(trainer.device)
             self.conn.send((time.perf_counter() - self.t0, 0.0, False))
             assert self.conn.recv() == "go"
             self.begin()
@@ -93,16 +100,16 @@ def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
     epoch-end seconds); ``turns`` has reported the turns before."""
     for c in tr.callbacks:
         c.on_epoch_start(tr)
-    sync(tr)
+    sync(tr.device)
     turns.begin()
     metrics = {"epoch": tr.epoch + 1}
     metrics.update(tr.train_epoch())
-    sync(tr)
+    sync(tr.device)
     t1 = time.perf_counter()
     t0 = turns.t0
     for c in tr.callbacks:
         c.on_epoch_end(tr, metrics)
-    sync(tr)
+    sync(tr.device)
     t2 = time.perf_counter()
     if tr.scheduler:
         tr.scheduler.step()
@@ -111,23 +118,82 @@ def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def changing(x: torch.Tensor, T: int, batch: int) -> torch.Tensor:
+    """The temporal differences (``d[0] = x[0]``, ``d[t] = x[t] - x[t-1]``) of a layer input that is multi-step,
+    ``[T, batch, ...]`` or flattened ``[T * batch, ...]``; a static input ``[batch, ...]`` (a first layer under
+    direct encoding, computed once) as it is."""
+    if T > 1 and x.shape[0] == T * batch:
+        x = x.reshape(T, batch, *x.shape[1:])
+    elif not (T > 1 and x.dim() >= 3 and x.shape[:2] == (T, batch)):
+        return x
+    return torch.cat([x[:1], x[1:] - x[:-1]])
+
+
 @torch.no_grad()
-def state(tr: Trainer) -> tuple[float, list[float]]:
-    """The model's weight density and the input density (fraction non-zero) of each synaptic layer on one training
-    batch, in training mode: the spike-sparse ``Linear`` takes its faster path below 35% (less for narrow layers),
-    so models that fire less train faster whatever their bookkeeping."""
+def state(tr: Trainer) -> tuple[float, list[float], list[float]]:
+    """The model's weight density, and for each synaptic layer on one training batch (training mode) the fraction
+    of its inputs that are non-zero and of their temporal differences (a spike-sparse ``Linear`` sums whichever is
+    cheaper: below 35% it beats the dense product, so models that fire less, or more steadily, train faster
+    whatever their bookkeeping)."""
     engine = getattr(tr.method, "engine", None)
     dens = engine.density() if engine is not None else 1.0
-    got: list[float] = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: got.append(float((a[0] != 0).float().mean())))
-             for m in tr.net.modules() if isinstance(m, SYNAPTIC)]
+    got: list[tuple[float, float]] = []
     x, _ = next(iter(tr.train_loader))
+    T, batch = tr.cfg.model.T, x.shape[0]
+
+    def look(m, a):
+        got.append((float((a[0] != 0).float().mean()), float((changing(a[0], T, batch) != 0).float().mean())))
+
+    hooks = [m.register_forward_pre_hook(look) for m in tr.net.modules() if isinstance(m, SYNAPTIC)]
     try:
         tr.net(x.to(tr.device))
     finally:
         for h in hooks:
             h.remove()
-    return dens, got
+    return dens, [a for a, _ in got], [d for _, d in got]
+
+
+class Probe:
+    """The trained net as a plain model (masks folded into its weights by the engine's ``remove()``, no method, no
+    hooks) and ``chunk`` fixed training batches: times forward + backward passes without optimizer steps, so the
+    weights, and the firing, stay those of the end of training. Against the dense net's, run side by side, its time
+    is what the method's *firing* costs, without any bookkeeping."""
+
+    def __init__(self, tr: Trainer, chunk: int):
+        m, self.cfg, self.info, self.device = tr.cfg.model, tr.cfg.train, tr.info, tr.device
+        self.net = create_model(m.name, num_classes=tr.info.num_classes, in_channels=tr.info.in_shape[-3], T=m.T,
+                                neuron=m.neuron, encoding=m.encoding, **m.options).to(tr.device).train()
+        batches = iter(tr.train_loader)
+        self.batches = [next(batches) for _ in range(min(chunk, len(tr.train_loader)))]
+        x = self.batches[0][0].to(tr.device)
+        tr.model.eval()
+        with torch.no_grad():
+            want = tr.model(x)
+        engine = getattr(tr.method, "engine", None)
+        if engine is not None:
+            engine.remove()  # destructive: the probe is the worker's last work
+        missing, unexpected = self.net.load_state_dict(tr.model.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"the plain {m.name} does not take the trained weights: missing {missing}, "
+                               f"unexpected {unexpected}")
+        self.net.eval()
+        with torch.no_grad():  # the plain net computes what the trained one did (eval mode: BN's running stats)
+            err = float((self.net(x) - want).abs().max())
+        if err > 1e-4 * max(1.0, float(want.abs().max())):
+            raise RuntimeError(f"the plain {m.name} differs from the trained net by {err:.3g}")
+        self.net.train()
+        self.run()  # warm-up
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for x, y in self.batches:
+            x, y = x.to(self.device), y.to(self.device)
+            out = self.net(x)
+            c = self.cfg
+            spike_loss(out.float(), y, c.loss, self.info.num_classes, c.tet_lambda, c.label_smoothing).backward()
+            self.net.zero_grad(set_to_none=True)
+        sync(self.device)
+        return (time.perf_counter() - t0) / len(self.batches)
 
 
 def worker(method: str, model: str, args, conn) -> None:
@@ -149,8 +215,15 @@ def worker(method: str, model: str, args, conn) -> None:
         turns = Turns(conn, args.chunk, min(args.steps, len(loaders[0])))
         tr.callbacks.append(turns)
         conn.send("ready")
+        probe = None
         while (cmd := conn.recv()) != "stop":
-            conn.send((*run_epoch(tr, turns), True) if cmd == "go" else state(tr))
+            if cmd == "go":
+                conn.send((*run_epoch(tr, turns), True))
+            elif cmd == "density":
+                conn.send(state(tr))
+            else:  # "probe", after "density" (it folds the masks away)
+                probe = probe or Probe(tr, args.chunk or 20)
+                conn.send(probe.run())
 
 
 # spawned workers unpickle ``worker`` by module name: make it importable as this file's stem (the script's folder is
@@ -193,6 +266,12 @@ def measure_model(model: str, args) -> list[dict]:
         for m in methods:
             conns[m].send("density")
             dens[m] = conns[m].recv()
+        plain: dict[str, list[float]] = {m: [] for m in methods}
+        for r in range(args.probe_rounds):  # the trained nets' forward + backward alone, in turns as above
+            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+                conns[m].send("probe")
+                plain[m].append(conns[m].recv())
+        for m in methods:
             conns[m].send("stop")
     finally:
         for p in procs.values():
@@ -211,6 +290,8 @@ def measure_model(model: str, args) -> list[dict]:
                      "ms_per_step": round(1e3 * statistics.median(step_s) / args.steps, 3),
                      "first_epoch_s": round(sum(times[m][0]), 4), "final_density": round(dens[m][0], 4),
                      "input_density": " ".join(f"{d:.2f}" for d in dens[m][1]),
+                     "changing_input_density": " ".join(f"{d:.2f}" for d in dens[m][2]),
+                     "plain_ms_per_step": round(1e3 * statistics.median(plain[m]), 3) if plain[m] else "",
                      "epoch_times": " ".join(f"{t:.2f}" for t in epochs)})
     base = next((r for r in rows if r["method"] == "dense"), None)
     dense = [s + e for s, e in times["dense"][steady]] if base else []
@@ -220,6 +301,10 @@ def measure_model(model: str, args) -> list[dict]:
             per = [(s + e) / d for (s, e), d in zip(times[r["method"]][steady], dense)]
             r["ratio_vs_dense"] = round(statistics.median(per), 3)
             r["ratio_range"] = f"{min(per):.2f}-{max(per):.2f}"
+        r["plain_ratio_vs_dense"] = ""
+        if base and plain[r["method"]]:  # round by round, then the median
+            r["plain_ratio_vs_dense"] = round(statistics.median(
+                [a / b for a, b in zip(plain[r["method"]], plain["dense"])]), 3)
     return rows
 
 
@@ -231,15 +316,22 @@ def report(rows: list[dict], head: list[str]) -> str:
         "Ratio = method / dense epoch time of the same epoch index (side by side), median over the measured epochs "
         "(1.00: free); range: the smallest and largest of those ratios. Input density: fraction of non-zero inputs "
         "of each synaptic layer on one training batch after the last epoch (a `Linear` below 35% takes the "
-        "spike-sparse path, so a model that fires less trains faster, whatever its bookkeeping).",
+        "spike-sparse path, so a model that fires less trains faster, whatever its bookkeeping); changing: the "
+        "fraction of non-zero temporal differences (inputs that changed since the step before), which that path "
+        "sums instead when they are fewer. Plain fwd+bwd: each trained net rebuilt as a plain model (masks folded "
+        "into its weights, no method), forward and backward passes on fixed batches without optimizer steps, in "
+        "turns as above; its ratio to the dense net's is what the method's firing costs without any bookkeeping.",
         "",
         "| model | method | ms / step | epoch-end updates (s) | epoch (s) | ratio vs dense | ratio range | "
-        "final density | input density per layer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        "final density | input density per layer | changing | plain fwd+bwd (ms) | plain ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in rows:
+        plain = (f"{r['plain_ms_per_step']:.2f} | {r['plain_ratio_vs_dense']:.3f}" if r["plain_ms_per_step"] != ""
+                 else " | ")
         lines.append(f"| {r['model']} | {r['method']} | {r['ms_per_step']:.2f} | {r['epoch_end_s']:.3f} | "
                      f"{r['epoch_s']:.2f} | {r['ratio_vs_dense']:.3f} | {r.get('ratio_range', '')} | "
-                     f"{100 * r['final_density']:.1f}% | {r['input_density']} |")
+                     f"{100 * r['final_density']:.1f}% | {r['input_density']} | {r['changing_input_density']} | "
+                     f"{plain} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -252,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=469, help="steps per epoch (469 = one Fashion-MNIST epoch at 128)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per method; the first is a warm-up")
     p.add_argument("--chunk", type=int, default=20, help="steps per turn (0: whole epochs)")
+    p.add_argument("--probe-rounds", type=int, default=10,
+                   help="turns of --chunk forward + backward passes of each trained net as a plain model (its firing "
+                        "without bookkeeping), after the epochs; 0: none")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--data", default="synthetic", help="synthetic (Fashion-MNIST shape) or fashion_mnist")

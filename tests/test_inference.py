@@ -302,6 +302,21 @@ def test_sparse_training_cost_quick(tmp_path):
     rows = read_csv(tmp_path / "sparse_training_cost.csv")
     assert {r["method"] for r in rows} >= {"dense", "pq_rewire", "sca", "dynsnn"}
     assert all(float(r["ratio_vs_dense"]) > 0 for r in rows)
+    # every trained net, masks folded into a plain model, computed what it did (the probe checks) and was timed
+    assert all(float(r["plain_ms_per_step"]) > 0 for r in rows)
+    assert next(float(r["plain_ratio_vs_dense"]) for r in rows if r["method"] == "dense") == 1.0
+    for r in rows:
+        dens, changing = (list(map(float, r[k].split())) for k in ("input_density", "changing_input_density"))
+        assert len(dens) == len(changing) == 4 and dens[0] == changing[0] > 0.5  # first layer: the static image
+
+
+def test_sparse_training_cost_changing_inputs():
+    changing = load_script("sparse_training_cost").changing
+    x = torch.tensor([[[1., 0.], [1., 1.]], [[1., 1.], [0., 1.]], [[0., 1.], [0., 1.]]])  # [T=3, batch=2, 2]
+    want = torch.tensor([[[1., 0.], [1., 1.]], [[0., 1.], [-1., 0.]], [[-1., 0.], [0., 0.]]])
+    assert torch.equal(changing(x, 3, 2), want)
+    assert torch.equal(changing(x.reshape(6, 2), 3, 2), want)  # flattened [T * batch, ...]
+    assert torch.equal(changing(x[0], 3, 2), x[0])  # static [batch, ...]: computed once, as it is
 
 
 def test_throughput_quick(tmp_path):
