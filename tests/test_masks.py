@@ -18,7 +18,11 @@ from spikeprune.models import create_model
 from spikeprune.sparsity.masks import (
     PARKED_STATE,
     MaskEngine,
+    any_true,
+    count,
     erk_densities,
+    fill_,
+    flat_true,
     fused_adam,
     init_masks,
     random_mask,
@@ -584,6 +588,41 @@ def test_init_masks(kind):
         init_masks(eng, "gaussian", 0.5)
     with pytest.raises(ValueError, match="density"):
         init_masks(eng, "uniform", 0.0)
+
+
+# --------------------------------------------------------------------------------- whole-mask primitives
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+@pytest.mark.parametrize("value", [0.0, -0.0, math.inf, 1.0, -2.5])
+def test_fill_is_masked_fill_bit_for_bit(dtype, value):
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(37, 29, generator=g) * 3).to(dtype)
+    if dtype.is_floating_point:
+        t[0, :3] = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+        t[1, 0] = -0.0
+    where = torch.rand(37, 29, generator=g) < 0.4
+    for a, w in [(t.clone(), where), (t.clone().t(), where.t()), (t.clone(), torch.zeros_like(where)),
+                 (t.clone(), torch.ones_like(where))]:  # contiguous, transposed, none, all
+        value_ = value if dtype.is_floating_point else int(value) if math.isfinite(value) else 7
+        want = a.clone().masked_fill_(w, value_)
+        got = fill_(a, w, value_)
+        assert got is a
+        if dtype.is_floating_point:  # same bits: -0.0, inf and NaN included
+            bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16}[dtype]
+            assert torch.equal(got.view(bits), want.view(bits))
+        else:
+            assert torch.equal(got, want)
+
+
+def test_count_any_and_flat_true():
+    m = torch.zeros(3, 4, 5, dtype=torch.bool)
+    assert count(m) == 0 and not any_true(m) and flat_true(m).tolist() == []
+    m[0, 1, 2] = m[2, 3, 4] = m[1, 0, 0] = True
+    assert count(m) == 3 and any_true(m)
+    assert flat_true(m).tolist() == [0 * 20 + 1 * 5 + 2, 1 * 20, 59]  # row-major, ascending
+    assert flat_true(m).dtype == torch.int64
+    assert flat_true(m.transpose(0, 2)).tolist() == m.transpose(0, 2).reshape(-1).nonzero().squeeze(1).tolist()
+    assert not any_true(torch.zeros(0, dtype=torch.bool))
+    assert count(torch.tensor([0.0, -0.0, 2.0, math.nan])) == 2  # what != 0 counts
 
 
 # --------------------------------------------------------------------------------- select_per_row

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...train import make_optimizer
-from ..masks import init_masks, select_per_row
+from ..masks import any_true, count, init_masks, select_per_row
 from ..scores import GradientMomentum
 from ._base import Method, MethodConfig
 
@@ -82,9 +82,9 @@ def regrow(mask: torch.Tensor, drop: torch.Tensor, grow_score: torch.Tensor,
     """Remove ``drop`` from ``mask`` and grow as many of the previously inactive (and ``growable``) entries with the
     largest ``grow_score``. Where too few qualify (a dense layer), the best dropped ones come back, so the count is
     always kept. Returns ``(new mask, grown)``."""
-    n = int(drop.sum())
+    n = count(drop)
     grow = pick(grow_score, n, ~mask if growable is None else ~mask & growable)
-    short = n - int(grow.sum())
+    short = n - count(grow)
     if short > 0:
         grow = grow | pick(grow_score, short, drop)
     return (mask & ~drop) | grow, grow & ~mask
@@ -230,10 +230,10 @@ class DropGrow(Method):
 
     def drop_mask(self, w: torch.Tensor, m: torch.Tensor, f: float) -> torch.Tensor:
         if self.cfg.drop == "magnitude":
-            return pick(w.abs(), int(f * int(m.sum())), m, largest=False)
+            return pick(w.abs(), int(f * count(m)), m, largest=False)
         pos, neg = m & (w > 0), m & (w < 0)  # SET: the smallest positive and the largest negative weights
-        return (pick(w, int(f * int(pos.sum())), pos, largest=False)
-                | pick(-w, int(f * int(neg.sum())), neg, largest=False))
+        return (pick(w, int(f * count(pos)), pos, largest=False)
+                | pick(-w, int(f * count(neg)), neg, largest=False))
 
     def grow_score(self, name: str, w: torch.Tensor) -> torch.Tensor:
         if self.cfg.grow == "gradient" and name in self.grads:
@@ -253,11 +253,11 @@ class DropGrow(Method):
             growable = score > 0 if self.cfg.grow_init == "zero" else None
             new, grown = regrow(m, self.drop_mask(w, m, f), score, growable)
             self.engine.set_mask(name, new)
-            if self.cfg.grow_init == "random" and grown.any():
+            if self.cfg.grow_init == "random" and any_true(grown):
                 bound = 1 / math.sqrt(w[0].numel())
                 vals = (torch.rand(w.shape, generator=self.generator) * 2 - 1).mul_(bound).to(w.device)
                 w[grown] = vals[grown]
-            moved += int(grown.sum())
+            moved += count(grown)
         self.grads = {}
         rec = {"step": t, "fraction": f, "moved": moved}
         self.history.append(rec)

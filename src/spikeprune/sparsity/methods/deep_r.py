@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..masks import init_masks
+from ..masks import count, flat_true, init_masks
 from . import register_method
 from ._base import Method, MethodConfig
 from ._common import check_density, current_lr
@@ -59,7 +59,7 @@ class DeepR(Method):
             coin = torch.rand(w.shape, generator=self.generator).to(w.device) < 0.5
             self.signs[n] = torch.where(w != 0, w.sign(), torch.where(coin, 1.0, -1.0)).to(torch.int8)
         init_masks(self.engine, self.cfg.init, self.cfg.target_density, self.generator)
-        self.budget = {n: int(m.sum()) for n, m in self.engine.masks().items()}
+        self.budget = {n: count(m) for n, m in self.engine.masks().items()}
 
     def on_step_end(self, trainer: Any) -> None:
         self.rewire(current_lr(trainer))
@@ -76,15 +76,16 @@ class DeepR(Method):
                 noise = torch.randn(w.shape, generator=self.generator).to(w.device)
                 w.addcmul_(noise, m, value=self.cfg.temperature * math.sqrt(lr))
             alive = m & (w * s > 0)
-            need = self.budget[n] - int(alive.sum())
+            need = self.budget[n] - count(alive)
             if need == 0:  # alive ⊆ mask and the mask holds the budget: nothing died
                 continue
-            dormant = (~alive).flatten().nonzero().squeeze(1)  # draw `need` of them, uniformly
-            grow = torch.zeros_like(alive)
-            grow.view(-1)[dormant[self._draw(dormant.numel(), need).to(w.device)]] = True
-            self.engine.set_mask(n, alive | grow)
-            w[grow] = self.cfg.eps * s[grow]
-            regrown += int(grow.sum())
+            dormant = flat_true(~alive)  # draw `need` of them, uniformly
+            at = torch.unravel_index(dormant[self._draw(dormant.numel(), need).to(dormant.device)], w.shape)
+            grow = alive.clone()
+            grow[at] = True
+            self.engine.set_mask(n, grow)
+            w[at] = self.cfg.eps * s[at]
+            regrown += need
         return regrown
 
     def _draw(self, n: int, k: int) -> torch.Tensor:

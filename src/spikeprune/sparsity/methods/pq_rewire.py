@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..masks import init_masks, scope_view, select_per_row
+from ..masks import any_true, count, init_masks, scope_view, select_per_row
 from ..scores import GradientMomentum, pq_index, sap_prune_count
 from . import register_method
 from ._base import Method, MethodConfig
@@ -136,13 +136,13 @@ class PQRewire(Method):
                 n_drop = drop.sum(1)
                 grow = select_per_row(score, n_drop, ~mv, largest=True)
                 short = n_drop - grow.sum(1)
-                if bool((short > 0).any()):
+                if any_true(short > 0):
                     # too few inactive places (e.g. a layer ERK keeps dense): the best just-dropped weights stay,
                     # so the scope's count is unchanged as Stage II requires
                     grow = grow | select_per_row(score, short, drop, largest=True)
                 new = new | grow
-                moved += int((grow & ~mv).sum())
-            pruned += int((mv & ~new).sum())
+                moved += count(grow & ~mv)
+            pruned += count(mv & ~new)
             self.engine.set_mask(name, new.reshape(m.shape))
         return {"pruned": pruned, "regrown": moved}
 
