@@ -89,6 +89,14 @@ def fill_(t: torch.Tensor, where: torch.Tensor, value: float) -> torch.Tensor:
     return t
 
 
+def _fill_at(t: torch.Tensor, where: torch.Tensor, at: torch.Tensor | None, value: float) -> None:
+    """``fill_(t, where, value)``, by the flat indices ``at`` of ``where`` when given (and ``t`` is contiguous)."""
+    if at is not None and t.is_contiguous():
+        t.view(-1).index_fill_(0, at.to(t.device), value)
+    else:
+        fill_(t, where, value)
+
+
 def fused_adam(optimizer: torch.optim.Optimizer | None) -> bool:
     """Whether ``optimizer`` is a stock Adam/AdamW running PyTorch's fused kernels in every param group."""
     return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and all(
@@ -213,30 +221,35 @@ class MaskEngine:
     @torch.no_grad()
     def _clear_state(self, layer: nn.Module, where: torch.Tensor) -> None:
         """Zero ``layer``'s optimizer state at ``where``, then park the dead weights' second moments."""
-        if self.optimizer is None or not any_true(where):
+        if self.optimizer is None:
             return
         p = layer.weight
         state = self.optimizer.state.get(p)
-        if not state:
+        n = count(where)
+        if not state or n == 0:
             return
+        # a few changed weights (Deep R rewires a handful every step): fill them by index, not by whole-tensor passes
+        at = flat_true(where) if 16 * n < where.numel() else None
         for v in state.values():
             if torch.is_tensor(v) and v.shape == p.shape:
-                fill_(v, where, 0.0)
-        self._park(layer, where)
+                _fill_at(v, where, at, 0.0)
+        self._park(layer, where, at)
 
     @torch.no_grad()
-    def _park(self, layer: nn.Module, where: torch.Tensor | None = None) -> None:
-        """Set the second moments of the dead weights among ``where`` (default: all of them) to 1.0, or +inf under
-        a fused Adam/AdamW (see the module docstring)."""
+    def _park(self, layer: nn.Module, where: torch.Tensor | None = None, at: torch.Tensor | None = None) -> None:
+        """Set the second moments of the dead weights among ``where`` (default: all of them; ``at``: its flat
+        indices, when known) to 1.0, or +inf under a fused Adam/AdamW (see the module docstring)."""
         state = self.optimizer.state.get(layer.weight) if self.optimizer is not None else None
         if not state:
             return
         inf = fused_adam(self.optimizer)
         dead = ~layer.weight_mask if where is None else where & ~layer.weight_mask
+        if at is not None:
+            at = at[~layer.weight_mask.reshape(-1)[at]]
         for k in PARKED_STATE:
             v = state.get(k)
             if torch.is_tensor(v) and v.shape == layer.weight.shape:
-                fill_(v, dead, math.inf if inf else 1.0)
+                _fill_at(v, dead, at, math.inf if inf else 1.0)
         if not inf:
             self._inf_parked.pop(id(layer), None)
         elif where is None:

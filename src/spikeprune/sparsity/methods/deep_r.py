@@ -51,6 +51,7 @@ class DeepR(Method):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         self.signs: dict[str, torch.Tensor] = {}
+        self._cast: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # signs as weights, per layer
         self.budget: dict[str, int] = {}
 
     def on_train_start(self, trainer: Any) -> None:
@@ -69,7 +70,7 @@ class DeepR(Method):
         """L1 + noise on active θ, dormant where ``s·w ≤ 0``, random re-activation up to the budget."""
         regrown = 0
         for n, layer in self.engine.layers.items():
-            w, m, s = layer.weight, self.engine.mask(n), self.signs[n].to(layer.weight.dtype)
+            w, m, s = layer.weight, self.engine.mask(n), self._signs_as(n, layer.weight)
             if self.cfg.l1:
                 w.addcmul_(s, m, value=-lr * self.cfg.l1)
             if self.cfg.temperature:
@@ -87,6 +88,14 @@ class DeepR(Method):
             w[at] = self.cfg.eps * s[at]
             regrown += need
         return regrown
+
+    def _signs_as(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The fixed signs of layer ``name`` in ``w``'s dtype and device, converted once (not at every step)."""
+        s = self.signs[name]
+        hit = self._cast.get(name)
+        if hit is None or hit[0] is not s or hit[1].dtype != w.dtype or hit[1].device != w.device:
+            hit = self._cast[name] = (s, s.to(device=w.device, dtype=w.dtype))
+        return hit[1]
 
     def _draw(self, n: int, k: int) -> torch.Tensor:
         """``k`` distinct indices of ``range(n)``, uniformly: rejection sampling when ``k`` is a small part of ``n``
