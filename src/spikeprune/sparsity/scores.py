@@ -120,7 +120,7 @@ class ActivityMonitor:
         unit_dim = unit_dim if unit_dim is not None else (2 if spikes.dim() > 2 else 1)
         count = spikes.numel() // max(1, spikes.shape[unit_dim])
         if stats is not None:  # [1 or 2, C]: sums of the pre-gate spikes (and of |membrane|)
-            val = {"spikes": stats[0], "membrane": stats[-1], "spikes+membrane": stats.sum(0)}[self.what]
+            val = stats[0] if self.what == "spikes" else stats[-1] if self.what == "membrane" else stats.sum(0)
             val = (val / count).float()
         else:
             if self.what != "spikes" and membrane is None:
