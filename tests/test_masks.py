@@ -613,6 +613,17 @@ def test_fill_is_masked_fill_bit_for_bit(dtype, value):
             assert torch.equal(got, want)
 
 
+def test_fill_by_flat_indices_matches_the_mask_fill():
+    from spikeprune.sparsity.masks import _fill_at
+    g = torch.Generator().manual_seed(2)
+    where = torch.rand(6, 5, 3, 3, generator=g) < 0.1
+    for t in (torch.randn(6, 5, 3, 3, generator=g),
+              torch.randn(6, 5, 3, 3, generator=g).to(memory_format=torch.channels_last)):  # not contiguous
+        want = t.clone().masked_fill_(where, math.inf)
+        _fill_at(t, None, flat_true(where), math.inf)
+        assert torch.equal(t, want)
+
+
 def test_count_any_and_flat_true():
     m = torch.zeros(3, 4, 5, dtype=torch.bool)
     assert count(m) == 0 and not any_true(m) and flat_true(m).tolist() == []

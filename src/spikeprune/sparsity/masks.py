@@ -89,12 +89,14 @@ def fill_(t: torch.Tensor, where: torch.Tensor, value: float) -> torch.Tensor:
     return t
 
 
-def _fill_at(t: torch.Tensor, where: torch.Tensor, at: torch.Tensor | None, value: float) -> None:
-    """``fill_(t, where, value)``, by the flat indices ``at`` of ``where`` when given (and ``t`` is contiguous)."""
-    if at is not None and t.is_contiguous():
+def _fill_at(t: torch.Tensor, where: torch.Tensor | None, at: torch.Tensor | None, value: float) -> None:
+    """``fill_(t, where, value)``, or by the flat (row-major) indices ``at`` instead of the mask when given."""
+    if at is None:
+        fill_(t, where, value)
+    elif t.is_contiguous():
         t.view(-1).index_fill_(0, at.to(t.device), value)
     else:
-        fill_(t, where, value)
+        t[torch.unravel_index(at.to(t.device), t.shape)] = value
 
 
 def fused_adam(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -243,9 +245,10 @@ class MaskEngine:
         if not state:
             return
         inf = fused_adam(self.optimizer)
-        dead = ~layer.weight_mask if where is None else where & ~layer.weight_mask
-        if at is not None:
-            at = at[~layer.weight_mask.reshape(-1)[at]]
+        if at is not None:  # the dead among them
+            at, dead = at[~layer.weight_mask.reshape(-1)[at]], None
+        else:
+            dead = ~layer.weight_mask if where is None else where & ~layer.weight_mask
         for k in PARKED_STATE:
             v = state.get(k)
             if torch.is_tensor(v) and v.shape == layer.weight.shape:
