@@ -13,7 +13,11 @@ Per epoch and method it times (a) the training steps (forward, backward, optimiz
 weight masking, activity observers, unit-mask hooks and per-step callbacks such as dynsnn's updates) and (b) the
 epoch-end callbacks (mask updates of pq_rewire and sca). Evaluation and checkpointing, identical for every method,
 are not run. The first epoch is a warm-up and left out of the ratios; ratios are method time / dense time (1.00 =
-free bookkeeping). Masked weights are still multiplied densely: this measures overhead, not a sparse speed-up.
+free bookkeeping). A masked ``Linear`` that keeps at most 45% of its weights computes its forward on a dense input and
+its input gradient over the kept weights only (``Linear.max_weight_density``), as in any training run with
+spikeprune: a sparse method pays its bookkeeping and gains that. ``NAME@dense`` in ``--methods`` (or
+``--dense-masked`` for all) runs a method with every product dense, which leaves its bookkeeping (and its firing)
+alone; convolutions are always dense products.
 
 After the epochs, each trained net is rebuilt as a plain model (masks folded into its weights) and timed for
 forward + backward passes on fixed batches, in turns (``--probe-rounds``): no optimizer step, so the weights and
@@ -204,6 +208,9 @@ def worker(method: str, model: str, args, conn) -> None:
         torch.set_num_threads(args.threads)
     if args.dense_linear:
         Linear.max_input_density = 0.0
+    method, _, variant = method.partition("@")
+    if variant == "dense" or args.dense_masked:
+        Linear.max_weight_density = 0.0
     opts = {"n": args.steps * args.batch, "in_shape": [1, 28, 28], "num_classes": 10} if args.data == "synthetic" \
         else {}
     loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch, eval_batch_size=args.batch,
@@ -229,11 +236,11 @@ def worker(method: str, model: str, args, conn) -> None:
 # spawned workers unpickle ``worker`` by module name: make it importable as this file's stem (the script's folder is
 # on sys.path, see above), whatever name this module was loaded under (``__main__``, or a test's loader)
 worker.__module__ = Path(__file__).stem
-sys.modules.setdefault(Path(__file__).stem, sys.modules[__name__])
+sys.modules[Path(__file__).stem] = sys.modules[__name__]  # the latest load: a second load has its own worker
 
 
 def measure_model(model: str, args) -> list[dict]:
-    methods = [m for m in args.methods if not (m in CONV_ONLY and model != "convnet")]
+    methods = [m for m in args.methods if not (m.partition("@")[0] in CONV_ONLY and model != "convnet")]
     ctx = mp.get_context("spawn")
     procs, conns = {}, {}
     for m in methods:
@@ -354,11 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-linear", action="store_true",
                    help="every Linear a dense product (Linear.max_input_density = 0): the spike-sparse path's speed "
                         "depends on the firing rates, which differ between a dense and a sparse model")
+    p.add_argument("--dense-masked", action="store_true",
+                   help="masked Linear layers multiply densely too (Linear.max_weight_density = 0): bookkeeping only, "
+                        "without the products over kept weights; a method named 'NAME@dense' runs that way alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small models, 2 epochs of 2 steps")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    bad = [m for m in args.methods if m.partition("@")[2] not in ("", "dense")]
+    if bad:
+        p.error(f"unknown method variant in {bad}: the one variant is NAME@dense")
     args.model_options = {}
     if args.quick:
         args.steps, args.epochs, args.batch, args.T = 2, 2, 8, 2
@@ -378,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"per method (first = warm-up), turns of {args.chunk or 'whole-epoch'} steps, data {args.data}, "
                    "Adam (the trainer's: fused kernels where PyTorch has them), methods at their default options; "
                    + ("every Linear dense (`--dense-linear`)" if args.dense_linear else
-                      "spikeprune's default Linear (spike-sparse path below 35% input density)")],
+                      "spikeprune's default Linear (spike-sparse path below 35% input density, "
+                      + ("masked products dense: `--dense-masked`)" if args.dense_masked else
+                         "products over the kept weights at 45% kept or less)"))
+                   + "; `NAME@dense`: that method with every product dense"],
                   script=__file__)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

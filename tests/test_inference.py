@@ -310,6 +310,18 @@ def test_sparse_training_cost_quick(tmp_path):
         assert len(dens) == len(changing) == 4 and dens[0] == changing[0] > 0.5  # first layer: the static image
 
 
+def test_sparse_training_cost_dense_variant(tmp_path):
+    script = load_script("sparse_training_cost")
+    script.main(["--quick", "--models", "fc3", "--methods", "pq_rewire", "pq_rewire@dense", "--probe-rounds", "0",
+                 "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in read_csv(tmp_path / "sparse_training_cost.csv")}
+    assert set(rows) == {"dense", "pq_rewire", "pq_rewire@dense"}
+    # the same method, seed and data: the same masks whichever way the products are computed
+    assert rows["pq_rewire"]["final_density"] == rows["pq_rewire@dense"]["final_density"] != "1.0"
+    with pytest.raises(SystemExit):
+        script.main(["--quick", "--methods", "pq_rewire@fast", "--out", str(tmp_path)])
+
+
 def test_sparse_training_cost_changing_inputs():
     changing = load_script("sparse_training_cost").changing
     x = torch.tensor([[[1., 0.], [1., 1.]], [[1., 1.], [0., 1.]], [[0., 1.], [0., 1.]]])  # [T=3, batch=2, 2]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .perf import SPARSE_MAX_DENSITY, pack_weight, sparse_input_linear
+from .perf import MASKED_MAX_DENSITY, SPARSE_MAX_DENSITY, masked_index, masked_linear, pack_weight, sparse_input_linear
 
 __all__ = [
     "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
@@ -63,19 +63,51 @@ class WeightCached:
 
 
 class Linear(WeightCached, nn.Linear):
-    """``nn.Linear`` on any leading dimensions. On CPU, a mostly-zero input (spikes: at most ``max_input_density``
-    non-zero) runs :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the
-    inputs that spiked; same values and gradients as the dense layer up to float summation order."""
+    """``nn.Linear`` on any leading dimensions. On CPU:
+
+    * a mostly-zero input (spikes: at most ``max_input_density`` non-zero) runs
+      :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the inputs that
+      spiked;
+    * a weight masked by a bool ``weight_mask`` buffer (the mask engine's) that keeps at most
+      ``max_weight_density`` of its entries computes only with those, in the forward of a dense input
+      (:func:`spikeprune.perf.masked_linear`) and in the input gradient: the masked weights are 0.0 anyway.
+
+    Same values and gradients as the dense layer up to float summation order."""
 
     max_input_density: float = SPARSE_MAX_DENSITY
+    max_weight_density: float = MASKED_MAX_DENSITY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.max_input_density > 0 and x.device.type == "cpu":
-            packed = None if torch.is_grad_enabled() else self._packed()
-            y = sparse_input_linear(x, self.weight, self.bias, self.max_input_density, packed)
-            if y is not None:
-                return y
+        if x.device.type == "cpu":
+            index = self._weight_index()
+            if self.max_input_density > 0:
+                packed = None if torch.is_grad_enabled() else self._packed()
+                y = sparse_input_linear(x, self.weight, self.bias, self.max_input_density, packed, index)
+                if y is not None:
+                    return y
+            if index is not None:
+                y = masked_linear(x, self.weight, self.bias, index)
+                if y is not None:
+                    return y
         return super().forward(x)
+
+    def _weight_index(self) -> tuple | None:
+        """The kept entries of ``weight_mask`` (:func:`spikeprune.perf.masked_index`) when it keeps at most
+        ``max_weight_density``, else ``None``. Built on the second call that sees the same mask: a mask rewired at
+        every step (Deep R, Grad R) never pays for an index it would use once."""
+        mask = self._buffers.get("weight_mask")
+        if (mask is None or mask.dtype != torch.bool or self.max_weight_density <= 0 or mask.device.type != "cpu"
+                or mask.shape != self.weight.shape):
+            return None
+        hit = self.__dict__.get("_index_cache")
+        if hit is None or hit[0] is not mask or hit[1] != mask._version:
+            self.__dict__["_index_cache"] = (mask, mask._version, None)
+            return None
+        if hit[2] is None:
+            keep = int(mask.count_nonzero()) <= self.max_weight_density * mask.numel()
+            index = masked_index(mask) if keep else None
+            self.__dict__["_index_cache"] = hit = (mask, mask._version, index or False)
+        return hit[2] or None
 
     def _drop_caches(self) -> None:
         self.__dict__.pop("_packed_cache", None)
