@@ -13,7 +13,7 @@ Per epoch and method it times (a) the training steps (forward, backward, optimiz
 weight masking, activity observers, unit-mask hooks and per-step callbacks such as dynsnn's updates) and (b) the
 epoch-end callbacks (mask updates of pq_rewire and sca). Evaluation and checkpointing, identical for every method,
 are not run. The first epoch is a warm-up and left out of the ratios; ratios are method time / dense time (1.00 =
-free bookkeeping). A masked ``Linear`` that keeps at most 45% of its weights computes its forward on a dense input and
+free bookkeeping). A masked ``Linear`` that keeps at most half of its weights computes its forward on a dense input and
 its input gradient over the kept weights only (``Linear.max_weight_density``), as in any training run with
 spikeprune: a sparse method pays its bookkeeping and gains that. ``NAME@dense`` in ``--methods`` (or
 ``--dense-masked`` for all) runs a method with every product dense, which leaves its bookkeeping (and its firing)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                    + ("every Linear dense (`--dense-linear`)" if args.dense_linear else
                       "spikeprune's default Linear (spike-sparse path below 35% input density, "
                       + ("masked products dense: `--dense-masked`)" if args.dense_masked else
-                         "products over the kept weights at 45% kept or less)"))
+                         f"products over the kept weights at {Linear.max_weight_density:.0%} kept or less)"))
                    + "; `NAME@dense`: that method with every product dense"],
                   script=__file__)
     out = Path(args.out)

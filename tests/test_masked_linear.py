@@ -168,11 +168,11 @@ def test_training_with_the_kept_weights_path_matches_dense_products():
     calls = []
     ext = cpu_kernels()
     real = ext.masked_matmul
-    fast, engine = run(0.45)
+    fast, engine = run(0.5)
     dense, _ = run(0.0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ext, "masked_matmul", lambda *a: calls.append(a[-1]) or real(*a))
-        run(0.45)
+        run(0.5)
     assert calls  # the kept-weights path ran
     for (name, a), b in zip(fast.state_dict().items(), dense.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-5), name

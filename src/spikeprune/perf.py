@@ -180,9 +180,12 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 # Up to this share of kept weights a masked Linear sums over its kept weights only (masked_matmul): its forward on a
-# dense input and its input gradient dx = g W. At 2 threads on fc3's shapes (784 -> 800 on 128 rows, 800 x 800 on
-# 512) that ran 0.6-0.7x the dense product at 30% kept, 0.8x at 40%, 0.8-0.96x at 45%, and broke even at 50%.
-MASKED_MAX_DENSITY = 0.45
+# dense input and its input gradient dx = g W. At 2 threads (AVX2) on fc3's shapes (784 -> 800 on 64-128 rows,
+# 800 x 800 on 256-512) that ran 0.32-0.37x the dense product at 10% kept, 0.6-0.7x at 30%, 0.73-0.79x at 40%,
+# 0.85-0.93x at 50% and 0.92-0.97x at 55% (measured). The kernel uses 32-byte vectors, one load per multiply-add;
+# where the dense product has 64-byte ones (AVX-512) its peak doubles, so the limit is halved there (not measured:
+# no such CPU here).
+MASKED_MAX_DENSITY = 0.25 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0.5
 # The kernel works on tiles of 64 rows (32 in float64): fewer rows leave lanes empty (32 rows ran 1.3-1.8x dense).
 MASKED_MIN_ROWS = 64
 
