@@ -77,6 +77,8 @@ def test_masked_matmul_bad_arguments():
     ext = cpu_kernels()
     with pytest.raises(RuntimeError, match="another shape"):
         ext.masked_matmul(torch.randn(4, 10), layer.weight.detach(), *rows_idx, 7)
+    with pytest.raises(RuntimeError, match="another shape"):  # a weight of another layer
+        ext.masked_matmul(torch.randn(4, 10), torch.randn(6, 11), *rows_idx, 6)
     with pytest.raises(RuntimeError, match="dtype"):
         ext.masked_matmul(torch.randn(4, 10, dtype=torch.float64), layer.weight.detach(), *rows_idx, 6)
     with pytest.raises(RuntimeError, match="bool"):

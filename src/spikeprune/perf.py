@@ -135,6 +135,24 @@ class _SparseInputLinear(torch.autograd.Function):
 DELTA_GAIN = 0.8
 
 
+def _linear_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The compiled kernels when they can compute ``F.linear(x, weight, bias)`` (CPU, one float dtype, matching
+    shapes, no autocast, a non-empty ``x``), else ``None``."""
+    ext = kernels_for(x)
+    if (ext is None or x.dim() < 2 or weight.dim() != 2 or x.dtype != weight.dtype or weight.device != x.device
+            or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
+            or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+        return None
+    return ext
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd must record the product (else the kernels run without an autograd node: its Python
+    ``apply`` costs 30 us a call, more than a batch-1 layer's sums)."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         max_density: float = SPARSE_MAX_DENSITY, packed: torch.Tensor | None = None,
                         index: tuple | None = None) -> torch.Tensor | None:
@@ -154,10 +172,8 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     ``packed``: ``weight`` already packed by :func:`pack_weight` (inference reuses it while the weight is
     unchanged). ``index``: ``weight``'s kept entries (:func:`masked_index`), when it is masked sparsely enough for
     the input gradient to sum over them only."""
-    ext = kernels_for(x)
-    if (ext is None or x.dim() < 2 or weight.dim() != 2 or x.dtype != weight.dtype or weight.device != x.device
-            or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
-            or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+    ext = _linear_kernels(x, weight, bias)
+    if ext is None:
         return None
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     T = x.shape[0] if x.dim() >= 3 and 1 < x.shape[0] <= x2.shape[0] // 8 and weight.shape[0] >= 64 else 1
@@ -165,9 +181,9 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if not rows:
         return None
     b = bias if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (b is not None and b.requires_grad)):
+    if _needs_grad(x, weight, b):
         y = _SparseInputLinear.apply(x2, weight, b, rows, ext, packed, steps, index)
-    else:  # inference: no autograd node (its Python apply cost 30 us a call, more than a batch-1 layer's sums)
+    else:  # inference: no autograd node
         y = _sparse_forward(weight.detach(), None if b is None else b.detach(), rows, ext, packed, steps)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
@@ -196,13 +212,13 @@ def masked_index(mask: torch.Tensor) -> tuple | None:
     ext = cpu_kernels() if mask.device.type == "cpu" else None
     if ext is None or mask.dim() != 2:
         return None
-    m = mask.to(torch.bool).contiguous()
+    m = mask.contiguous()
     return ext.masked_index(m, False), ext.masked_index(m, True)
 
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, index: tuple | None, ext) -> torch.Tensor:
     """``dx = g W``: over the kept weights only when an ``index`` is given and ``g`` has enough rows."""
-    if index is None or g.shape[0] < MASKED_MIN_ROWS or ext is None:
+    if index is None or g.shape[0] < MASKED_MIN_ROWS:
         return g @ weight
     return ext.masked_matmul(g, weight.contiguous(), *index[1], weight.shape[1])
 
@@ -235,15 +251,13 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     weight's mask) only, for a weight whose other entries are 0.0; ``None`` when the kernels cannot take these
     tensors or ``x`` has fewer than ``MASKED_MIN_ROWS`` rows (the dense product is faster then). Same values as
     ``F.linear`` up to float summation order; gradients flow to ``x``, ``weight`` and ``bias``."""
-    ext = kernels_for(x)
-    if (ext is None or x.dim() < 2 or x.dtype != weight.dtype or weight.device != x.device or x.numel() == 0
-            or (bias is not None and bias.dtype != x.dtype) or x.shape[-1] != weight.shape[1]
-            or torch.is_autocast_enabled("cpu") or x.numel() // x.shape[-1] < MASKED_MIN_ROWS):
+    ext = _linear_kernels(x, weight, bias)
+    if ext is None or x.numel() // x.shape[-1] < MASKED_MIN_ROWS:
         return None
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     w = weight.contiguous()
     b = bias if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (b is not None and b.requires_grad)):
+    if _needs_grad(x, weight, b):
         y = _MaskedLinear.apply(x2, w, b, index, ext)
     else:
         y = ext.masked_matmul(x2, w.detach(), *index[0], weight.shape[0])

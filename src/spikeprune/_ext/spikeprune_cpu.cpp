@@ -1169,7 +1169,7 @@ at::Tensor masked_matmul(const at::Tensor& x, const at::Tensor& w, const at::Ten
   TORCH_CHECK(ptr.scalar_type() == at::kInt && loc.scalar_type() == at::kByte && off.scalar_type() == at::kInt &&
               ptr.is_contiguous() && loc.is_contiguous() && off.is_contiguous(), "the index must come from masked_index");
   const int64_t N = x.size(0), K = x.size(1), nblk = (K + MW_BLOCK - 1) / MW_BLOCK;
-  TORCH_CHECK(ptr.numel() == nblk * R + 1, "the index was made for another shape");
+  TORCH_CHECK(ptr.numel() == nblk * R + 1 && w.numel() == K * R, "the index was made for another shape");
   const int32_t* P = ptr.data_ptr<int32_t>();
   const int64_t nnz = P[nblk * R];
   TORCH_CHECK(loc.numel() == nnz && off.numel() == nnz, "the index was made for another shape");
