@@ -37,10 +37,26 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="measure on the first N test batches only")
 
 
+def _version() -> str:
+    """The installed version, read without importing the package (and torch)."""
+    try:
+        from importlib.metadata import version
+
+        return version("spikeprune")
+    except Exception:  # noqa: BLE001 -- not installed: the source tree's
+        import re
+
+        text = (Path(__file__).parent / "__init__.py").read_text()
+        m = re.search(r'__version__ = "([^"]+)"', text)
+        return m.group(1) if m else "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikeprune", description=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"spikeprune {_version()}")
+    # the description lists the commands already: no second list under "positional arguments"
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
     p = sub.add_parser("train", help="train a model from a recipe")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of the run")
@@ -70,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--format", "-f", default="nir", choices=["nir", "safetensors", "torch-prune"])
     p.add_argument("--out", help="output file (default: in RUN_DIR, model.nir / model.safetensors / ...)")
-    p.add_argument("--dt", type=float, default=1.0, help="NIR time step: tau_nir = tau * dt (default 1: steps)")
+    p.add_argument("--dt", type=float, default=None,
+                   help="NIR time step: tau_nir = tau * dt (default: 1, i.e. steps; 1e-4 for the snntorch and "
+                        "spikingjelly targets)")
+    p.add_argument("--target", default="generic", choices=["generic", "snntorch", "spikingjelly"],
+                   help="NIR importer the graph is written for (time constants, dt, node forms); constructs "
+                        "it cannot express are refused (default: generic)")
     p = sub.add_parser("report", help="HTML + Markdown report of a run or a benchmark (results.csv)")
     p.add_argument("run_dir", help="a run directory (results.json) or a benchmark directory / results.csv")
     p.add_argument("--out", help="directory for report.html, report.md and report_files/ (default: RUN_DIR)")
@@ -224,7 +245,7 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from .export import export_run
 
-        path, summary = export_run(args.run_dir, args.format, args.out, args.data_root, args.dt)
+        path, summary = export_run(args.run_dir, args.format, args.out, args.data_root, args.dt, args.target)
         if "weights_before_compaction" in summary:
             before, nz = summary["weights_before_compaction"], summary["nonzero"]
             print(f"wrote {path}: {nz:,} non-zero of {before:,} weights ({100 * nz / max(1, before):.2f}%), "

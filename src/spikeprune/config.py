@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also save every N steps inside an epoch (0: only at epoch ends)
     keep_checkpoints: int = 2
     progress: bool = True
+    tensorboard: bool = False  # scalars + histograms (firing rates, densities) in RUN_DIR/tb; needs tensorboard
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     sync_bn: bool = False  # under DDP: BatchNorm batch statistics over all ranks (docs/ddp.md)
     keep_freed_memory: bool = True  # CPU: glibc malloc reuses freed blocks instead of faulting in new pages (perf.py)

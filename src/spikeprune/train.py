@@ -21,7 +21,6 @@ import io
 import json
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import dist
@@ -40,6 +38,7 @@ from .callbacks import Callback
 from .config import RunConfig, jsonable, to_dict
 from .measure import Measurement, measure
 from .perf import keep_versions
+from .progress import progress_bar
 
 
 class TrainingError(RuntimeError):
@@ -169,6 +168,10 @@ class Trainer:
 
             method = create_method(cfg.method)
         self.method = method
+        if getattr(cfg.train, "tensorboard", False):
+            from .tensorboard import TensorBoardLogger
+
+            callbacks = [*(callbacks or []), TensorBoardLogger()]
         self.callbacks = [c for c in [*(callbacks or []), method] if c is not None]
         amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.amp = amp and self.device.type == "cuda"
@@ -387,8 +390,8 @@ class Trainer:
                          "correct": torch.zeros((), device=self.device, dtype=torch.long), "seen": 0}
         acc = self._acc
         skip = self.step_in_epoch
-        bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and dist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
+        # a tqdm bar on a terminal, else a plain line every ~10% of the epoch (logs, nohup, CI)
+        bar = progress_bar(n_batches, skip, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and dist.is_main())
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break

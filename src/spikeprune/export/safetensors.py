@@ -11,6 +11,8 @@ Unlike ``torch.load`` nothing is unpickled, so files from others are safe to ope
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -37,18 +39,21 @@ def _sidecar(path: Path) -> Path:
 
 
 def save_safetensors(model_or_state: nn.Module | dict, path: str | Path, config: dict | None = None,
-                     metrics: dict | None = None) -> Path:
-    """Write a model's (or a state dict's) tensors to ``path`` and config/metrics to ``<path>.json``.
-    Returns ``path``."""
+                     metrics: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a model's (or a state dict's) tensors to ``path`` and config/metrics to ``<path>.json`` (with
+    ``extra`` entries, e.g. ``input_normalization``). Returns ``path``."""
     st = _st()
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
     masks = sorted(k for k in tensors if k.endswith((".weight_mask", ".unit_mask")))
-    meta = {"format": FORMAT, "config": jsonable(config or {}), "metrics": jsonable(metrics or {}), "masks": masks}
+    meta = {"format": FORMAT, "config": jsonable(config or {}), "metrics": jsonable(metrics or {}), "masks": masks,
+            **jsonable(extra or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     st.save_file(tensors, str(path), metadata={"spikeprune": json.dumps(meta)})
     _sidecar(path).write_text(json.dumps(meta, indent=2) + "\n")
+    # safetensors creates its file 0600; give it the mode every other output gets (the JSON's: 0666 & ~umask)
+    os.chmod(path, stat.S_IMODE(os.stat(_sidecar(path)).st_mode))
     return path
 
 
@@ -74,7 +79,7 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None,
     return state, meta
 
 
-def save_run_safetensors(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def save_run_safetensors(run_dir: str | Path, out: str | Path | None = None, extra: dict | None = None) -> Path:
     """Convert a finished run's ``model.pt`` (+ ``config.json``, ``results.json`` headline numbers) to
     ``model.safetensors`` + ``model.json`` (default: in the run directory)."""
     rd = Path(run_dir)
@@ -86,4 +91,4 @@ def save_run_safetensors(run_dir: str | Path, out: str | Path | None = None) -> 
     if (rd / "results.json").is_file():
         res = json.loads((rd / "results.json").read_text())
         metrics = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
-    return save_safetensors(state, out or rd / "model.safetensors", config=config, metrics=metrics)
+    return save_safetensors(state, out or rd / "model.safetensors", config=config, metrics=metrics, extra=extra)
