@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spikeprune.report import bench_report, pareto_front, write_report
@@ -84,10 +85,54 @@ def test_bench_report(tmp_path):
     assert set(rep.images) == {"pareto_connectivity", "pareto_sops"}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    png = tmp_path / "shot.png"
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "render_report.sh"), str(report[0]), str(png), "800x1200"],
-                       capture_output=True, text=True, timeout=120)
+def _shoot(page: Path, png: Path, size: str = "1000x7000") -> "np.ndarray":
+    """Render ``page`` with headless Chromium (benchmarks/render_report.sh) and return the RGB pixels."""
+    import numpy as np
+    from PIL import Image
+
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "render_report.sh"), str(page), str(png), size],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20000
+    assert png.read_bytes().startswith(b"\x89PNG")
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+
+
+def _bands(rows: "np.ndarray", gap: int = 40) -> list[tuple[int, int]]:
+    """Runs of True in ``rows`` (row indices ``[start, end)``), runs closer than ``gap`` merged (a figure's legend
+    sits a few pixels below its axes; captions keep figures > 100 px apart)."""
+    bands: list[list[int]] = []
+    for i in np.flatnonzero(rows):
+        if bands and i - bands[-1][1] <= gap:
+            bands[-1][1] = i + 1
+        else:
+            bands.append([int(i), int(i) + 1])
+    return [(a, b) for a, b in bands]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    """The report of a short run, rendered headless, shows every figure: the page is rendered twice, as is and with
+    everything but the images invisible (same layout), which tells where each figure sits; each of those regions
+    must hold a plot (not blank, many colours) and look the same in the real page."""
+    html = report[0].read_text()
+    n_figures = len(_images(html))
+    only = tmp_path / "figures_only.html"
+    only.write_text(html.replace("</head>", "<style>body *:not(img) { color: transparent !important; "
+                                 "background: transparent !important; border-color: transparent !important; } "
+                                 "img { border-color: transparent !important; }</style></head>"))
+    page = _shoot(report[0], tmp_path / "page.png")
+    figs = _shoot(only, tmp_path / "figures.png")
+    assert page.shape == figs.shape
+    ink = (255 - figs).max(axis=2) > 24  # not (near-)white
+    bands = _bands(ink.any(axis=1))
+    assert len(bands) == n_figures == 4, bands
+    assert bands[-1][1] < figs.shape[0] - 10  # the last figure is whole (the window is taller than the page)
+    for top, bottom in bands:
+        cols = np.flatnonzero(ink[top:bottom].any(axis=0))
+        left, right = int(cols[0]), int(cols[-1]) + 1
+        assert bottom - top > 150 and right - left > 400, (top, bottom, left, right)  # a figure, not a text line
+        region = page[top:bottom, left:right]
+        assert ((255 - region).max(axis=2) > 24).mean() > 0.02  # something drawn in the real page there
+        colours = {tuple(c) for c in region[::4, ::4].reshape(-1, 3).tolist()}
+        assert len(colours) > 20  # axes, labels, bars/lines: a plot, not a flat box
+        assert np.abs(region - figs[top:bottom, left:right]).mean() < 8  # the same picture in both renders
