@@ -101,8 +101,8 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path, text, key):
     ("train: {epochs: -1}", "config key 'train.epochs' must be >= 0, got -1"),
     ("train: {lr: abc}", "config key 'train.lr' must be a number, got 'abc'"),
     ("train: {lr: 0}", "config key 'train.lr' must be > 0, got 0.0"),
-    ("train: {lr: .nan}", "config key 'train.lr' must be > 0, got nan"),
-    ("model: {T: 0}", "config key 'model.T' must be >= 1, got 0"),
+    ("train: {lr: .nan}", "config key 'train.lr' must be a finite number, got nan"),
+    ("model: {T: 0}", "config key 'model.T' must be in [1, 10000], got 0"),
     ("data: {val_split: 1.5}", "config key 'data.val_split' must be in [0, 1), got 1.5"),
     ("data: {batch_size: 0}", "config key 'data.batch_size' must be >= 1, got 0"),
     ("data: {eval_batch_size: 0}", "config key 'data.eval_batch_size' must be >= 1, got 0"),
@@ -131,7 +131,6 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path, text, key):
     ("model: {neuron: lif}", "config key 'model.neuron' must be a mapping, got 'lif'"),
     ("model: {options: [1, 2]}", "config key 'model.options' must be a mapping, got [1, 2]"),
     ("train: 5", "config key 'train' must be a mapping, got int"),
-    ("- 1\n- 2\n", "config key '<root>' must be a mapping, got list"),
     ("seed: one", "config key 'seed' must be an integer, got 'one'"),
 ])
 def test_bad_value_error_names_key_and_allowed(tmp_path, text, expected):
@@ -283,7 +282,7 @@ def test_train_with_bad_config_exits_2(tmp_path, capsys, monkeypatch):
 def test_debug_env_shows_the_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("SPIKEPRUNE_DEBUG", "1")
     bad = write(tmp_path, "model: {T: 0}\n")
-    with pytest.raises(ConfigError, match=r"'model\.T' must be >= 1"):
+    with pytest.raises(ConfigError, match=r"'model\.T' must be in \[1, 10000\]"):
         main(["train", "--config", str(bad)])
 
 
@@ -337,6 +336,7 @@ def test_reuse_ignores_settings_that_cannot_change_results(tmp_path):
     cfg.run_dir.mkdir(parents=True)
     assert not _finished_with(cfg)  # no results yet
     (cfg.run_dir / "results.json").write_text("{}")
+    (cfg.run_dir / "model.pt").write_bytes(b"")
     stored = to_dict(cfg)
     stored["out_dir"] = "elsewhere"  # trained in another place, then moved here
     stored["train"]["progress"] = False

@@ -322,7 +322,7 @@ def test_convert_command_writes_the_table_and_plot(tmp_path, capsys):
     assert res["dynsnn"]["compression"] >= 0.3
     assert res["dynsnn"]["measure_compression"] == pytest.approx(res["dynsnn"]["compression"])
     assert "reusing" not in capsys.readouterr().out
-    assert main(["convert", "--config", str(cfg), "--set", "dynsnn.enabled=false"]) == 0
+    assert main(["convert", "--config", str(cfg), "--set", "dynsnn.enabled=false", "--overwrite"]) == 0
     assert "reusing the ANN" in capsys.readouterr().out  # same ANN settings: not trained again
     csv_rows = (rd / "accuracy_vs_T.csv").read_text().splitlines()
     assert csv_rows[0].startswith("T,ann_acc,snn_acc") and len(csv_rows) == 3

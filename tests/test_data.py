@@ -129,16 +129,22 @@ def test_missing_dataset_message_lists_every_path(tmp_path, monkeypatch):
         create_dataset("mnist", "test", root=tmp_path / "r")
     assert isinstance(e.value, FileNotFoundError)
     msg = str(e.value)
-    tried = [tmp_path / "r", tmp_path / "r" / "mnist", tmp_path / "r" / "MNIST" / "raw",
-             tmp_path / "env", tmp_path / "env" / "mnist", tmp_path / "env" / "MNIST" / "raw"]
-    assert [line.strip() for line in msg.splitlines()[1:7]] == [str(p) for p in tried]
+    # an explicit root is the only place searched: no fallback to $SPIKEPRUNE_DATA or a system copy
+    tried = [tmp_path / "r", tmp_path / "r" / "mnist", tmp_path / "r" / "MNIST" / "raw"]
+    assert [line.strip() for line in msg.splitlines()[1:4]] == [str(p) for p in tried]
+    assert str(tmp_path / "env") not in msg
     assert "'mnist' (test split)" in msg and "download=True" in msg and "SPIKEPRUNE_DATA" in msg
+    with pytest.raises(DatasetNotFoundError) as e:  # without a root: $SPIKEPRUNE_DATA, then the system folders
+        create_dataset("mnist", "test")
+    tried = [tmp_path / "env", tmp_path / "env" / "mnist", tmp_path / "env" / "MNIST" / "raw"]
+    assert [line.strip() for line in str(e.value).splitlines()[1:4]] == [str(p) for p in tried]
 
 
 def test_missing_fashion_mnist_suggests_apt(tmp_path, monkeypatch):
     monkeypatch.setattr(idx_module, "FASHION_SYSTEM_DIRS", (str(tmp_path / "debian"),))
+    monkeypatch.setenv("SPIKEPRUNE_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
-        create_dataset("fashion_mnist", root=tmp_path)
+        create_dataset("fashion_mnist")
     msg = str(e.value)
     assert "apt-get install dataset-fashion-mnist" in msg
     assert f"  {tmp_path / 'FashionMNIST' / 'raw'}\n" in msg and f"  {tmp_path / 'debian'}\n" in msg

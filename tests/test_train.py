@@ -113,14 +113,23 @@ def test_dense_training_learns_and_writes_run_files(tmp_path):
     assert not list(rd.glob("*.tmp"))
 
 
-def test_fresh_run_in_a_used_run_dir_starts_clean(tmp_path):
+def test_fresh_run_in_a_used_run_dir_needs_overwrite_then_starts_clean(tmp_path):
+    from spikeprune.runs import RunError
+
     run(make(tmp_path, ("train.epochs=2",)))
     cfg = make(tmp_path, ("train.epochs=1",))
-    _, lines = run(cfg)
+    before = {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()}
+    with pytest.raises(RunError, match="already holds a run .*--overwrite"):
+        run(cfg)
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before  # nothing touched
+    (cfg.run_dir / "notes.txt").write_text("mine")
+    lines: list[str] = []
+    Trainer(cfg, log=lines.append).fit(overwrite=True)
     # the old ckpt-8 would outrank the new run's ckpt-4 in rotation and in --resume
     assert [p.name for p in ckpt.list_checkpoints(cfg.run_dir)] == ["ckpt-000000004.pt"]
     assert [r["epoch"] for r in metrics(cfg.run_dir)] == [1]
-    assert any("starting a fresh run" in line for line in lines)
+    assert any("--overwrite: removing" in line for line in lines)
+    assert (cfg.run_dir / "notes.txt").read_text() == "mine"  # not a run file: kept
 
 
 # ------------------------------------------------------------------------------------------------------ resume
@@ -195,6 +204,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     newest.write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError, match="checksum"):
         ckpt.load(newest)
+    for f in ("results.json", "model.pt", "model.pt.sha256"):  # as if killed before the end: resumable
+        (cfg.run_dir / f).unlink()
 
     trainer, lines = run(cfg, resume=True)
     assert any(line.startswith("warning:") and "fails its checksum" in line for line in lines)
@@ -204,6 +215,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
     for p in ckpt.list_checkpoints(cfg.run_dir):
         p.write_bytes(b"SPKP1")
+    (cfg.run_dir / "results.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint"):
         Trainer(cfg, log=lambda *a: None).fit(resume=True)
 
@@ -219,10 +231,33 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert [ckpt.load(p)["step"] for p in ckpt.list_checkpoints(tmp_path)] == [6, 5]
 
 
-def test_resume_warns_about_a_different_config(tmp_path):
-    run(make(tmp_path, ("train.epochs=1",), method=PQ))
-    _, lines = run(make(tmp_path, ("train.epochs=2", "seed=5"), method=PQ), resume=True)
-    assert any("warning:" in line and "different seed" in line for line in lines)
+def test_resume_refuses_changed_settings_and_lists_them(tmp_path):
+    cfg = make(tmp_path, ("train.epochs=2",), method=PQ)
+    run(cfg)
+    (cfg.run_dir / "results.json").unlink()  # unfinished: a checkpoint to resume from
+    before = {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()}
+    with pytest.raises(TrainingError, match=r"changed settings: seed \(3 -> 5\); train.lr \(0.01 -> 0.02\)"):
+        run(make(tmp_path, ("train.epochs=2", "seed=5", "train.lr=0.02"), method=PQ), resume=True)
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before
+    # settings that cannot change results may differ, and config.json records them
+    run(make(tmp_path, ("train.epochs=2", "train.checkpoint_every=3"), method=PQ), resume=True)
+    assert json.loads((cfg.run_dir / "config.json").read_text())["train"]["checkpoint_every"] == 3
+
+
+def test_resume_on_a_finished_run_rewrites_nothing(tmp_path):
+    from spikeprune.runs import RunError
+
+    cfg = make(tmp_path, ("train.epochs=1",))
+    run(cfg)
+    for p in ckpt.list_checkpoints(cfg.run_dir):
+        p.unlink()  # checkpoints removed: once, --resume started over and overwrote the model
+    before = {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()}
+    trainer, lines = run(cfg, resume=True)
+    assert any("is finished" in line and "nothing rewritten" in line for line in lines)
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before
+    with pytest.raises(RunError, match=r"finished run with other settings \(train.epochs \(1 -> 3\)\)"):
+        run(make(tmp_path, ("train.epochs=3",)), resume=True)
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before
 
 
 # --------------------------------------------------------------------------------------------------- NaN guard
@@ -303,7 +338,7 @@ def test_cli_train_measure_eval(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
 
 
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_stops_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
     cfg = make(tmp_path, ("train.epochs=2",), method=PQ)
@@ -323,9 +358,9 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     lines = []
     trainer.log = lines.append
     trainer.global_step += 1
-    trainer.save()  # must not raise, must not touch the good files
+    with pytest.raises(TrainingError, match=f"No space left on device.*last good checkpoint is {good[0]}"):
+        trainer.save()  # stops the run, and does not touch the good files
     monkeypatch.undo()
-    assert any("could not write a checkpoint" in line and "No space left" in line for line in lines)
     assert ckpt.list_checkpoints(cfg.run_dir) == good
     assert all(p.read_bytes() == b for p, b in good_bytes.items())
     assert not list(Path(cfg.run_dir).glob("*.tmp"))

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from .config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
 
 
@@ -111,11 +109,9 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"bench file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"bench file {p} is not valid YAML: {e}") from None
-    return from_dict(BenchConfig, data), p.parent
+    from .config import read_yaml
+
+    return from_dict(BenchConfig, read_yaml(p, "bench file")), p.parent
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -132,7 +128,9 @@ def _base_recipe(bench: BenchConfig, root: Path) -> dict:
         p = p if p.is_absolute() or not (root / p).is_file() else root / p
         if not p.is_file():
             raise ConfigError(f"config key 'base': recipe {bench.base} not found (looked in {root} and .)")
-        data = yaml.safe_load(p.read_text()) or {}
+        from .config import read_yaml
+
+        data = read_yaml(p, "base recipe")
     return _merge(data, bench.recipe)
 
 
@@ -204,14 +202,19 @@ def run_bench(bench: BenchConfig, root: Path = Path("."), overrides: list[str] |
             continue
         log(f"== cell {i}/{len(grid)}: {c.name}")
         t0 = time.perf_counter()
-        Trainer(c.cfg, log=log).fit(resume=True)
+        # a cell with checkpoints continues; one without (never started, or stopped before its first checkpoint)
+        # starts afresh in its own directory, which only the bench writes
+        from .checkpoint import list_checkpoints
+
+        partial = bool(list_checkpoints(c.run_dir))
+        Trainer(c.cfg, log=log).fit(resume=partial, overwrite=not partial)
         times.append(time.perf_counter() - t0)
         left = len(todo) - len(times)
         res = json.loads((c.run_dir / "results.json").read_text())
         log(f"cell {i}/{len(grid)} done ({c.name}: acc {100 * res['accuracy']:.2f}%, conn "
             f"{100 * res['connectivity']:.2f}%, {_fmt_time(times[-1])}), ETA {_fmt_time(statistics.mean(times) * left)}"
             f" for {left} more")
-    from .cli import provenance
+    from .runs import provenance
 
     paths = write_report(bench, grid, out, provenance())
     log(f"bench {bench.name}: {len(times)} cells trained, {len(grid) - len(times)} skipped; results in {out}")

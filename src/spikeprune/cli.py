@@ -7,6 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+# loading runs lives in spikeprune.runs; these names stay importable from here (imported lazily: `--help` and
+# `--version` must not wait for torch)
+_FROM_RUNS = {"_load_run": "load_run", "run_model": "run_model", "load_masked_state": "load_masked_state",
+              "provenance": "provenance", "_finished_with": "finished_with"}
+
+
+def __getattr__(name: str):
+    if name in _FROM_RUNS:
+        from . import runs
+
+        return getattr(runs, _FROM_RUNS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 HELP = """Learn the sparse structure of spiking neural networks during training.
 
 commands:
@@ -34,7 +47,18 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by `spikeprune train`")
     p.add_argument("--data-root", help="directory holding the dataset files")
-    p.add_argument("--max-batches", type=int, default=None, help="measure on the first N test batches only")
+    p.add_argument("--max-batches", type=_positive_int, default=None, metavar="N",
+                   help="measure on the first N test batches only (N >= 1)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _version() -> str:
@@ -60,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of the run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a run (its run files are deleted)")
     p = sub.add_parser("eval", help="test accuracy of a finished run")
     _run_args(p)
     p = sub.add_parser("measure", help="connectivity, SOPs, energy and firing rates of a finished run")
@@ -76,12 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the table (Markdown) and rows (CSV) to this path prefix")
     p.add_argument("--reuse", action="store_true",
                    help="skip recipes whose run directory already holds results of the same config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train recipes whose run directory holds another run afresh (its run files are deleted)")
     p = sub.add_parser("bench", help="methods x target densities x seeds on one recipe, tables and plots")
     from .bench import add_arguments
 
     add_arguments(p)
     p = sub.add_parser("convert", help="train a ReLU ANN, convert it to an IF SNN, DynSNN on the result")
     _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="run again in a directory holding a finished conversion")
     p = sub.add_parser("export", help="export a finished run: nir | safetensors | torch-prune")
     _run_args(p)
     p.add_argument("--format", "-f", default="nir", choices=["nir", "safetensors", "torch-prune"])
@@ -114,65 +143,6 @@ def _root_override(root: str) -> str:
     return f"data.root={json.dumps(str(root))}"
 
 
-def run_model(run_dir: str | Path, cfg=None, fold: bool = False):
-    """A finished run's network rebuilt from ``config.json`` and ``model.pt``: with its masks (buffers and hooks,
-    as trained) or, with ``fold``, the masks folded into the weights (:meth:`MaskEngine.remove`): the same network
-    at full width with no mask machinery, e.g. the fair reference for a compacted one's speed."""
-    import torch
-
-    from .config import RunConfig, from_dict
-    from .data import dataset_info
-    from .models import create_model
-
-    rd = Path(run_dir)
-    if not (rd / "config.json").is_file() or not (rd / "model.pt").is_file():
-        raise FileNotFoundError(f"{rd} is not a finished run (needs config.json and model.pt)")
-    if cfg is None:
-        cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
-    info, m = dataset_info(cfg.data.name, **cfg.data.options), cfg.model
-    model = create_model(m.name, num_classes=info.num_classes, in_channels=info.in_shape[-3], T=m.T,
-                         neuron=m.neuron, encoding=m.encoding, **m.options)
-    engine = load_masked_state(model, torch.load(rd / "model.pt", map_location="cpu", weights_only=True))
-    if fold and engine is not None:
-        engine.remove()
-    return model
-
-
-def _load_run(run_dir: str, data_root: str | None):
-    """Rebuild a finished run's model (with its masks) and test loader."""
-    from .config import RunConfig, from_dict
-    from .data import build_loaders
-
-    rd = Path(run_dir)
-    if not (rd / "config.json").is_file():
-        raise FileNotFoundError(f"{rd} is not a finished run (needs config.json and model.pt)")
-    cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))
-    d = cfg.data
-    _, _, test, _ = build_loaders(d.name, root=data_root or d.root, batch_size=d.batch_size,
-                                  eval_batch_size=d.eval_batch_size, seed=cfg.seed, **d.options)
-    return cfg, run_model(rd, cfg), test
-
-
-def load_masked_state(model, state: dict):
-    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks).
-    Returns the :class:`MaskEngine` holding them (``None`` for a dense state)."""
-    from .sparsity.masks import MaskEngine
-
-    modules = dict(model.named_modules())
-    weight_masked = [k[: -len(".weight_mask")] for k in state if k.endswith(".weight_mask")]
-    unit_masked = [k[: -len(".unit_mask")] for k in state if k.endswith(".unit_mask")]
-    engine = None
-    if weight_masked or unit_masked:
-        all_syn = [n for n, mm in modules.items() if hasattr(mm, "weight") and n in weight_masked]
-        ignored = [n for n, mm in modules.items() if mm.__class__.__name__ in ("Conv2d", "Linear")
-                   and n not in all_syn]
-        engine = MaskEngine(model, ignored_layers=ignored)
-        if unit_masked:
-            engine.enable_units(unit_masked)
-    model.load_state_dict(state)
-    return engine
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,16 +153,37 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        from .checkpoint import CheckpointError
-        from .config import ConfigError
-        from .train import TrainingError
+    except Exception as e:  # noqa: BLE001 -- every failure becomes one line; SPIKEPRUNE_DEBUG=1 shows the traceback
+        if _debug():
+            raise
+        code, msg = _explain(e)
+        print(f"spikeprune {args.command}: error: {msg}", file=sys.stderr)
+        return code
 
-        known = (ConfigError, FileNotFoundError, CheckpointError, TrainingError, ValueError)
-        if isinstance(e, known) and not _debug():
-            print(f"spikeprune {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _explain(e: BaseException) -> tuple[int, str]:
+    """Exit code and message for a failure: 2 for what bad input, files or storage cause (the message says what
+    and where), 1 for anything else (an internal error: the message says how to see the traceback)."""
+    import pickle
+
+    from .checkpoint import CheckpointError
+    from .runs import RunError
+
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        return 2, f"{e.strerror}{':' if where else ''}{where}"
+    if isinstance(e, MemoryError):
+        return 2, "out of memory (lower data.batch_size, model.T or the model's width)"
+    if isinstance(e, RecursionError):
+        return 2, "input nested too deeply"
+    if isinstance(e, ImportError):
+        return 2, str(e).splitlines()[0] if str(e) else "a needed package is not installed"
+    if isinstance(e, (ValueError, FileNotFoundError, CheckpointError, RunError, pickle.UnpicklingError,
+                      OSError, KeyError)) or type(e).__name__ in ("TrainingError", "MaskDivergenceError"):
+        return 2, str(e) or type(e).__name__
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return 1, (f"internal error ({type(e).__name__}: {first}); run again with SPIKEPRUNE_DEBUG=1 for the "
+               "traceback and report it")
 
 
 def _debug() -> bool:
@@ -215,8 +206,10 @@ def _dispatch(args) -> int:
         from .train import Trainer, summary_table
 
         cfg = _load(args)
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: choose one")
         trainer = Trainer(cfg)
-        trainer.fit(resume=args.resume)
+        trainer.fit(resume=args.resume, overwrite=args.overwrite)
         from . import dist
 
         if dist.is_main():
@@ -234,8 +227,17 @@ def _dispatch(args) -> int:
         from .convert import load_convert_config, run_convert
 
         overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
-        run_convert(load_convert_config(args.config, overrides))
+        run_convert(load_convert_config(args.config, overrides), overwrite=args.overwrite)
         return 0
+    if args.command in ("report", "export", "compact"):  # refuse a read-only or full target before any work
+        from .runs import check_writable
+
+        rd = Path(args.run_dir)
+        target = Path(args.out).parent if args.command != "report" and args.out else Path(args.out or rd)
+        if args.command == "report" and not args.out and rd.is_file():
+            target = rd.parent
+        if target.exists() or rd.exists():
+            check_writable(target, "the output directory")
     if args.command == "report":
         from .report import write_report
 
@@ -253,7 +255,9 @@ def _dispatch(args) -> int:
         else:
             print(f"wrote {path}")
         return 0
-    cfg, model, test = _load_run(args.run_dir, args.data_root)
+    from .runs import load_run, run_model
+
+    cfg, model, test = load_run(args.run_dir, args.data_root)
     if args.command == "eval":
         from .measure import measure
 
@@ -283,75 +287,49 @@ def _dispatch(args) -> int:
     raise ValueError(f"unknown command {args.command!r}")
 
 
-def provenance() -> str:
-    """Markdown header: the exact command, the machine and the date (for committed results)."""
-    import datetime
-    import os
-    import platform
-
-    import torch
-
-    cmd = " ".join(["spikeprune", *sys.argv[1:]])
-    cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    return (f"- command: `{cmd}`\n- machine: {platform.system()} {cpu}, {os.cpu_count()} cores, {threads} torch "
-            f"thread(s), {dev}, torch {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
-
-
-def _finished_with(cfg) -> bool:
-    """True if ``cfg.run_dir`` holds results of exactly this config."""
-    from .config import to_dict
-
-    rd = cfg.run_dir
-    if not (rd / "results.json").is_file() or not (rd / "config.json").is_file():
-        return False
-    from .config import ConfigError, RunConfig, from_dict
-
-    try:  # normalise through the dataclasses, so fields added since then take their defaults
-        old = to_dict(from_dict(RunConfig, json.loads((rd / "config.json").read_text())))
-    except ConfigError:
-        return False
-    return _result_fields(old) == _result_fields(to_dict(cfg))
-
-
-# train settings that cannot change a run's results (what it prints, how often it checkpoints, the allocator)
-_COSMETIC_TRAIN = ("progress", "checkpoint_every", "keep_checkpoints", "keep_freed_memory")
-
-
-def _result_fields(d: dict) -> dict:
-    """A config without the settings that cannot change results (``out_dir`` too: the run dir is what is checked)."""
-    d = json.loads(json.dumps(d))
-    d.pop("out_dir", None)
-    for k in _COSMETIC_TRAIN:
-        d.get("train", {}).pop(k, None)
-    return d
-
-
 def _compare(args) -> int:
+    """Validate every recipe and check every run directory first, then train: a bad last recipe or a run
+    directory that holds another run stops the command before any training."""
     from .config import load_config
+    from .runs import finished_with, run_files
     from .train import Trainer, summary_table
 
+    overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
+    cfgs = [load_config(path, overrides) for path in args.configs]
+    seen: dict = {}
+    for path, cfg in zip(args.configs, cfgs):
+        rd = cfg.run_dir.resolve()
+        if rd in seen:
+            raise ValueError(f"{path} and {seen[rd]} both write to {cfg.run_dir}: give them different names")
+        seen[rd] = path
+    reuse = [bool(args.reuse and finished_with(cfg)) for cfg in cfgs]
+    if not args.overwrite:
+        busy = [str(cfg.run_dir) for cfg, r in zip(cfgs, reuse) if not r and run_files(cfg.run_dir)]
+        if busy:
+            raise ValueError(f"run directories already hold runs: {', '.join(busy)}; use --reuse to keep finished "
+                             "runs of the same recipe, or --overwrite to train them again")
     rows = []
-    for path in args.configs:
-        overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
-        cfg = load_config(path, overrides)
+    for cfg, skip in zip(cfgs, reuse):
         print(f"== {cfg.name} ({(cfg.method or {}).get('name', 'dense')})", flush=True)
-        if not (args.reuse and _finished_with(cfg)):
-            Trainer(cfg).fit()
+        if not skip:
+            Trainer(cfg).fit(overwrite=args.overwrite)
         rows.append(json.loads((cfg.run_dir / "results.json").read_text()))
     table = summary_table(rows, baseline=rows[0])
     print("\n" + table)
     if args.out:
         import csv
+        import io
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out + ".md").write_text(provenance() + "\n" + table + "\n")
+        from .checkpoint import atomic_write
+        from .runs import provenance
+
+        atomic_write(args.out + ".md", (provenance() + "\n" + table + "\n").encode())
         keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
-        with open(args.out + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(args.out + ".csv", buf.getvalue().encode())
     return 0
 
 

@@ -217,7 +217,13 @@ def compact_report(model: nn.Module, loader: Iterable, out: str | None = None, m
     t_ref = timed_inference(reference, batches, repeats) if reference is not None else None
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(small, out)
+        import io
+
+        from .checkpoint import atomic_write
+
+        buf = io.BytesIO()
+        torch.save(small, buf)
+        atomic_write(out, buf.getvalue())
     p0, p1 = _params(model), _params(small)
     acc = [f"{100 * m.accuracy:.2f}%" if m.accuracy is not None else "-" for m in (before, after)]
     where = f"{_device(model).type}, batch {batches[0].shape[0]}"

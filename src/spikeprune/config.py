@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+MAX_T = 10_000  # time steps: beyond this a [T, B, ...] tensor of even a small net fills any memory
+# keyword arguments the trainer passes to every model factory itself: model.options must not repeat them
+MODEL_ARGS = ("num_classes", "in_channels", "T", "neuron", "encoding")
+
+
 @dataclass
 class ModelConfig:
     name: str = "fc3"
@@ -31,7 +36,12 @@ class ModelConfig:
     options: dict = field(default_factory=dict)  # extra keyword arguments of the model factory
 
     def validate(self, key: str) -> None:
-        _check(self.T >= 1, f"{key}.T", f"must be >= 1, got {self.T}")
+        _check(1 <= self.T <= MAX_T, f"{key}.T", f"must be in [1, {MAX_T}], got {self.T}")
+        for k in self.options:
+            _check(k not in MODEL_ARGS, f"{key}.options.{k}",
+                   f"is set by the trainer (from model.{k} or the dataset); remove it from model.options")
+        _finite(self.neuron, f"{key}.neuron")
+        _finite(self.options, f"{key}.options")
         from .neurons import make_neuron
 
         try:  # neuron options are checked now, not when the model is built
@@ -49,13 +59,21 @@ class DataConfig:
     val_split: float = 0.0
     subset: int | None = None
     download: bool = False
+    augment: dict = field(default_factory=dict)  # training-batch augmentation: crop, flip, roll, rotate, cutout
     options: dict = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
+        from .data.augment import AugmentSpec
+
+        try:
+            AugmentSpec.parse(self.augment, f"{key}.augment")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.eval_batch_size >= 1, f"{key}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _check(0.0 <= self.val_split < 1.0, f"{key}.val_split", f"must be in [0, 1), got {self.val_split}")
         _check(self.subset is None or self.subset >= 1, f"{key}.subset", "must be >= 1 or null")
+        _finite(self.options, f"{key}.options")
 
 
 @dataclass
@@ -91,7 +109,7 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.grad_clip is None or self.grad_clip > 0, f"{key}.grad_clip", "must be > 0 or null")
         _check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), f"{key}.device",
+        _check(self.device == "auto" or _is_device(self.device), f"{key}.device",
                f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
         _check(self.step_size >= 1, f"{key}.step_size", f"must be >= 1, got {self.step_size}")
@@ -126,7 +144,16 @@ class RunConfig:
     method: dict | None = None  # {"name": "pq_rewire", ...options}; None trains densely
 
     def validate(self, key: str = "") -> None:
+        from .runs import check_name
+
+        try:
+            check_name(self.name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'name' {e}") from None
+        _check(bool(self.out_dir), "out_dir", "must not be empty")
+        _check(abs(self.seed) < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
         if self.method is not None:
+            _finite(self.method, "method")
             if "name" not in self.method:
                 raise ConfigError("config key 'method.name' is missing (or set method: null for dense training)")
             from .sparsity.methods import method_config
@@ -141,6 +168,29 @@ class RunConfig:
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' {msg}")
+
+
+def _finite(value: Any, key: str) -> None:
+    """Every number inside ``value`` (nested dicts and lists) must be finite: ``.inf`` or ``.nan`` in a recipe is
+    a typo that would train silently wrong (a neuron that never fires, a diverging step)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+
+
+def _is_device(spec: str) -> bool:
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return dev.type in ("cpu", "cuda", "mps") and (dev.index is None or 0 <= dev.index < 1024)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -194,19 +244,29 @@ def _coerce(v: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {v!r}")
+        if abs(v) >= 2**63:
+            raise ConfigError(f"config key '{key}' is out of range: {v}")
         return v
     if tp is float:
         if isinstance(v, str):  # YAML reads 1e-3 as a string
             try:
-                return float(v)
+                v = float(v)
             except ValueError:
                 pass
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {v!r}")
-        return float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            v = math.inf
+        if not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+        return v
     if tp is str:
         if not isinstance(v, str):
             raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
+        if "\0" in v:
+            raise ConfigError(f"config key '{key}' must not contain a NUL character")
         return v
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(v, (list, tuple)):
@@ -231,9 +291,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         path, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_reason(e)}); quote it, e.g. "
+                              f"{path}='\"...\"'") from None
         node = data
         parts = path.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key name")
+        if not isinstance(data, dict):
+            raise ConfigError("the recipe must be a mapping to take overrides")
         for p in parts[:-1]:
             if node.get(p) is None:
                 node[p] = {}
@@ -249,18 +317,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ``schema`` (default :class:`RunConfig`; ``convert`` and ``bench`` recipes pass their own dataclass)."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        data = read_yaml(path)
     data = apply_overrides(data, overrides or [])
-    cfg = from_dict(schema or RunConfig, data)
+    try:
+        cfg = from_dict(schema or RunConfig, data)
+    except RecursionError:
+        raise ConfigError(f"config {path or '<overrides>'} is nested too deeply") from None
     if path is not None and "name" not in data and hasattr(cfg, "name"):
         cfg.name = Path(path).stem
     return cfg
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping from ``path``; every failure (missing, unreadable, not UTF-8 text, bad YAML, not a mapping,
+    nested too deeply, too large) is a :class:`ConfigError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {p} is {len(raw):,} bytes; a recipe is at most {MAX_CONFIG_BYTES:,}")
+    if b"\0" in raw and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"{what} {p} is a binary file, not YAML text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        kind = "UTF-16 text" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
+        raise ConfigError(f"{what} {p} is {kind}; save it as UTF-8") from None
+    if "\0" in text:
+        raise ConfigError(f"{what} {p} is a binary file, not YAML text")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_reason(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {p} is nested too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping (key: value lines), got a {type(data).__name__}")
+    return data
+
+
+def _yaml_reason(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -938,6 +938,17 @@ class ConvertRunConfig:
     dynsnn: DynSNNConvertConfig = field(default_factory=DynSNNConvertConfig)
     measure_batches: int | None = None  # measure() on the first N test batches (None: all)
 
+    def validate(self, key: str) -> None:
+        from .config import ConfigError, _check
+        from .runs import check_name
+
+        try:
+            check_name(self.name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'name' {e}") from None
+        _check(bool(self.out_dir), "out_dir", "must not be empty")
+        _check(self.measure_batches is None or self.measure_batches >= 1, "measure_batches", "must be >= 1 or null")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
@@ -1002,18 +1013,25 @@ def _subset_loader(loader, n: int, batch_size: int):
     return DataLoader(Subset(ds, list(range(min(n, len(ds))))), batch_size=batch_size)
 
 
-def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None) -> dict:
+def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None, overwrite: bool = False) -> dict:
     """The ``spikeprune convert`` pipeline: train (or load) the ANN, convert, accuracy vs T (Markdown, CSV and PNG
-    in the run directory), DynSNN on the converted SNN, and ``results.json``."""
+    in the run directory), DynSNN on the converted SNN, and ``results.json``. A directory holding a finished
+    conversion (``results.json``) is refused unless ``overwrite`` (its ANN is still reused when ``ann.reuse`` and
+    its settings match)."""
+    from .checkpoint import atomic_write
     from .config import to_dict
     from .data import build_loaders
     from .measure import measure
+    from .runs import RunError, check_writable
     from .train import seed_everything
 
     log = log or (lambda s: print(s, flush=True))
     rd = cfg.run_dir
-    rd.mkdir(parents=True, exist_ok=True)
-    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    if (rd / "results.json").exists() and not overwrite:
+        raise RunError(f"{rd} already holds a finished conversion (results.json); use --overwrite to run it again "
+                       "(a matching ANN is reused), or another name")
+    check_writable(rd)
+    atomic_write(rd / "config.json", json.dumps(to_dict(cfg), indent=2, default=str).encode())
     seed_everything(cfg.seed)
     d = cfg.data
     train, _, test, info = build_loaders(d.name, root=d.root, batch_size=d.batch_size,
@@ -1096,7 +1114,7 @@ def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None)
         (f" {c.percentile}" if c.method == "percentile" else "") + ")"
     plot_accuracy_vs_T(rd / "accuracy_vs_T.png", Ts, curves, ann_acc, title)
     write_table(rd / "accuracy_vs_T", rows)
-    (rd / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    atomic_write(rd / "results.json", json.dumps(results, indent=2, default=float).encode())
     log(f"run directory: {rd}")
     return results
 

@@ -312,7 +312,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         line = line.strip()
         if line:
             try:
@@ -328,9 +328,11 @@ def run_report(run_dir: str | Path) -> Report:
     res_path = rd / "results.json"
     if not res_path.is_file():
         raise FileNotFoundError(f"{rd} has no results.json (is the run finished?)")
-    res = json.loads(res_path.read_text())
-    hist = _read_jsonl(rd / "metrics.jsonl")
-    cfg = json.loads((rd / "config.json").read_text()) if (rd / "config.json").is_file() else {}
+    from .runs import read_json
+
+    res = read_json(res_path)
+    hist = [h for h in _read_jsonl(rd / "metrics.jsonl") if isinstance(h, dict)]
+    cfg = read_json(rd / "config.json") if (rd / "config.json").is_file() else {}
     method = res.get("method", "dense")
     rep = Report(f"spikeprune run: {res.get('name', rd.name)}")
     rep.p(f"**model** `{res.get('model', '?')}` (T={res.get('T', '?')}) · **dataset** `{res.get('dataset', '?')}` · "

@@ -64,12 +64,17 @@ def require(module: str, what: str, pip: str) -> ModuleType:
 
 def candidate_dirs(root: str | os.PathLike | None, subdirs: Sequence[str] = (),
                    system: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Search order: ``root`` and its ``subdirs``, ``$SPIKEPRUNE_DATA`` likewise, then ``system``."""
+    """Where to look for a dataset's files. An explicit ``root`` is the only place searched (with its ``subdirs``):
+    falling back to another copy would train on files other than the ones named, while the run records the root
+    it was given. Without one: ``$SPIKEPRUNE_DATA`` (and its ``subdirs``), then ``system``."""
+    if root is not None and str(root) != "":
+        base = Path(root).expanduser()
+        return list(dict.fromkeys([base] + [base / s for s in subdirs]))
     out: list[Path] = []
-    for base in (root, os.environ.get(ENV_VAR) or None):
-        if base is not None:
-            base = Path(base).expanduser()
-            out += [base] + [base / s for s in subdirs]
+    env = os.environ.get(ENV_VAR) or None
+    if env is not None:
+        base = Path(env).expanduser()
+        out += [base] + [base / s for s in subdirs]
     out += [Path(s) for s in system]
     return list(dict.fromkeys(out))
 

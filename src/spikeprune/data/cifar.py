@@ -1,4 +1,9 @@
-"""CIFAR-10/100 from torchvision's on-disk pickle batches, read with ``pickle`` (torchvision not needed)."""
+"""CIFAR-10/100 from torchvision's on-disk pickle batches (torchvision not needed).
+
+The batches are Python pickles, and a pickle can name any function to call while it loads. They are therefore read
+with :class:`BatchUnpickler`, which rebuilds only NumPy arrays, lists, dicts, strings, bytes and numbers: a file
+that asks for anything else is refused with an error naming the file, before any of it runs.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +35,50 @@ CIFAR10_INFO = DatasetInfo("cifar10", (3, 32, 32), 10, "static")
 CIFAR100_INFO = DatasetInfo("cifar100", (3, 32, 32), 100, "static")
 
 
-def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+# the globals a CIFAR batch (written by Python 2 or 3, NumPy 1 or 2) needs to rebuild its arrays: nothing else
+_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a function or class outside the allow-list."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds NumPy arrays and plain containers only (see the module docstring)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"refused to load {module}.{name} (a CIFAR batch holds only arrays, lists and dicts)")
+
+
+def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One pickle batch -> (uint8 [N, 3, 32, 32], int64 [N]); keys may be bytes (Python 2 pickles) or str."""
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")  # local dataset files in torchvision's format
+    try:
+        with open(path, "rb") as f:
+            entry = BatchUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise RefusedGlobal(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError) as e:
+        raise ValueError(f"{path} is not a CIFAR batch file ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR batch file (holds a {type(entry).__name__}, not a dict)")
     entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if "data" not in entry or label_key not in entry:
+        raise ValueError(f"{path} is not a CIFAR batch file (needs the keys 'data' and {label_key!r})")
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"{path}: data or labels of the wrong type ({e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise ValueError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ValueError(f"{path}: label {int(bad[0])} out of range for {num_classes} classes")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -57,11 +97,9 @@ def _load_cifar(info: DatasetInfo, split: str, root, download: bool) -> InMemory
         how = (f"download=True with torchvision installed (pip install torchvision), or unpack the python "
                f"version of {info.name} so that {folder}/ sits in one of these folders")
         raise not_found(info.name, split, ", ".join(files), dirs, how)
-    parts = [_read_batch(found / f, key) for f in files]
+    parts = [_read_batch(found / f, key, info.num_classes) for f in files]
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    if len(y) and int(y.max()) >= info.num_classes:
-        raise ValueError(f"{found}: label {int(y.max())} out of range for {info.num_classes} classes")
     return InMemoryDataset(x, y, info, mean, std)
 
 

@@ -57,7 +57,7 @@ class FastLoader:
         ds, idx = self.dataset, self.indices().to(self.dataset.x.device)
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield ds.transform(ds.x[sel], self.augment), ds.y[sel]
+            yield ds.transform(ds.x[sel], _for_batch(self.augment, self.epoch, b, self.rank)), ds.y[sel]
 
 
 class EventLoader(DataLoader):
@@ -72,17 +72,24 @@ class EventLoader(DataLoader):
                    if world_size > 1 else None)
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                          generator=gen, num_workers=num_workers)
-        self.seed, self.augment, self._gen = seed, augment, gen
+        self.seed, self.augment, self._gen, self.rank, self.epoch = seed, augment, gen, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffling of this epoch (``seed + epoch``)."""
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         self._gen.manual_seed(self.seed + int(epoch))
+        self.epoch = int(epoch)
 
     def __iter__(self):
-        for x, y in super().__iter__():
-            yield (self.augment(x) if self.augment is not None else x), y
+        for b, (x, y) in enumerate(super().__iter__()):
+            aug = _for_batch(self.augment, self.epoch, b, self.rank)
+            yield (aug(x) if aug is not None else x), y
+
+
+def _for_batch(augment: Callable | None, epoch: int, batch: int, rank: int) -> Callable | None:
+    """An :class:`~spikeprune.data.augment.Augment` drawn for one batch (resumable); other callables as they are."""
+    return augment.at(epoch, batch, rank) if hasattr(augment, "at") else augment
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
