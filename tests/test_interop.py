@@ -42,7 +42,7 @@ def pruned(name: str, seed: int = 0) -> nn.Module:
         model = create_model("convnet", channels=(6, 8), hidden=16, image_size=8, T=T, pool="avg", neuron=neuron)
     else:
         model = _spike_pool_net()
-    liven(model, gain=3.0, seed=seed, shift_running_mean=True)
+    liven(model, gain=5.0, seed=seed, shift_running_mean=True)
     eng = MaskEngine(model, example_input=model.example_input(2))
     g = torch.Generator().manual_seed(seed)
     for n, layer in eng.layers.items():
