@@ -103,7 +103,7 @@ def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
     """One epoch as ``Trainer.fit`` runs it, minus evaluation and checkpoints: (seconds of its last turn of steps,
     epoch-end seconds); ``turns`` has reported the turns before."""
     for c in tr.callbacks:
-        c.on_epoch_start(tr)
+        c.on_epoch_start(tr.hook_arg(c))  # (methods get the trainer's LoopState)
     sync(tr.device)
     turns.begin()
     metrics = {"epoch": tr.epoch + 1}
@@ -112,7 +112,7 @@ def run_epoch(tr: Trainer, turns: Turns) -> tuple[float, float]:
     t1 = time.perf_counter()
     t0 = turns.t0
     for c in tr.callbacks:
-        c.on_epoch_end(tr, metrics)
+        c.on_epoch_end(tr.hook_arg(c), metrics)
     sync(tr.device)
     t2 = time.perf_counter()
     if tr.scheduler:
@@ -218,7 +218,7 @@ def worker(method: str, model: str, args, conn) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer(method, model, args.T, loaders, args, tmp)
         for c in tr.callbacks:
-            c.on_train_start(tr)
+            c.on_train_start(tr.hook_arg(c))
         turns = Turns(conn, args.chunk, min(args.steps, len(loaders[0])))
         tr.callbacks.append(turns)
         conn.send("ready")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from spikeprune.callbacks import Callback
 from spikeprune.config import ConfigError, load_config
 from spikeprune.models import create_model
+from spikeprune.sparsity.loop import LoopState
 from spikeprune.sparsity.masks import erk_densities
 from spikeprune.sparsity.methods import create_method, method_config
 from spikeprune.sparsity.methods._common import cubic_sparsity
@@ -39,12 +39,10 @@ def one_layer() -> nn.Module:
 
 
 def fake_trainer(model: nn.Module, epochs: int = 4, steps: int = 10, lr: float = 0.1):
-    train = SimpleNamespace(epochs=epochs, max_steps_per_epoch=None, optimizer="sgd", lr=lr, momentum=0.0,
-                            nesterov=False, weight_decay=0.0)
+    """The loop state a method is driven by, filled by hand (plain SGD for the run and for hidden weights)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return SimpleNamespace(model=model, example_input=torch.rand(2, 1, 8, 8), train_loader=range(steps), optimizer=opt,
-                           cfg=SimpleNamespace(seed=0, train=train), val_loader=None, epoch=0, global_step=0,
-                           log=lambda *a, **k: None)
+    return LoopState(model=model, example_input=torch.rand(2, 1, 8, 8), optimizer=opt, epochs=epochs,
+                     steps_per_epoch=steps, seed=0)
 
 
 def setup(name: str, model: nn.Module, epochs: int = 4, steps: int = 10, **options):

@@ -6,7 +6,6 @@ the wiring."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from spikeprune.config import ConfigError, load_config
 from spikeprune.models import create_model
+from spikeprune.sparsity.loop import LoopState
 from spikeprune.sparsity.masks import erk_densities, init_masks, scope_view
 from spikeprune.sparsity.methods import create_method, list_methods, method_config
 from spikeprune.sparsity.scores import pq_index, sap_prune_count
@@ -29,12 +29,13 @@ def fc(**kw) -> nn.Module:
 
 
 def fake_trainer(model: nn.Module, epochs: int = 10, example: bool = True, val: bool = False, opt=None):
+    """The loop state a method is driven by, filled by hand (``tr.logs`` collects its messages)."""
     opt = opt if opt is not None else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     logs: list[str] = []
-    return SimpleNamespace(model=model, example_input=x8(2) if example else None, optimizer=opt,
-                           cfg=SimpleNamespace(seed=0, train=SimpleNamespace(epochs=epochs)),
-                           val_loader=object() if val else None, epoch=0, global_step=0,
-                           log=lambda *a, **k: logs.append(" ".join(map(str, a))), logs=logs)
+    st = LoopState(model=model, example_input=x8(2) if example else None, optimizer=opt, epochs=epochs, seed=0,
+                   validation=val, log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    st.logs = logs
+    return st
 
 
 def setup(name: str, model: nn.Module, **options):
@@ -313,7 +314,7 @@ def test_pq_rewire_schedule(monkeypatch):
     m.on_train_start(tr)
     calls = []
     monkeypatch.setattr(m, "rewire", lambda regrow: calls.append((tr.epoch, regrow)) or {})
-    tr.cfg.train.epochs = 7
+    tr.epochs = 7
     for e in range(7):
         tr.epoch = e
         m.on_epoch_end(tr, {"test_acc": 0.1 * e})
@@ -458,7 +459,7 @@ def test_sca_counts_are_exact_floors():
 
 def test_sca_schedule_start_and_freeze():
     m, tr = sca(start_epoch=2, freeze_epoch=4)
-    tr.cfg.train.epochs = 6
+    tr.epochs = 6
     updated = []
     for e in range(6):
         tr.epoch = e
@@ -580,7 +581,7 @@ def test_pq_rewire_momentum_runs_over_the_window_before_each_regrowth():
     m.momentum = Recording(0.5)
     full = GradientMomentum(0.5)
     m.engine.dense_grad_hooks.append(full)
-    tr.train_loader, tr.cfg.train.max_steps_per_epoch = [None] * 40, None
+    tr.steps_per_epoch = 40
     g = torch.Generator().manual_seed(0)
     for epoch in range(3):
         tr.epoch = epoch
@@ -595,7 +596,7 @@ def test_pq_rewire_momentum_runs_over_the_window_before_each_regrowth():
                 torch.testing.assert_close(m.momentum.buf[n], full.buf[n], rtol=1e-6, atol=1e-6)
     assert not any(s[0] == 2 for s in steps)
     # a loop that does not tell its epoch length: every step
-    del tr.train_loader
+    tr.steps_per_epoch = None
     tr.epoch, tr.step_in_epoch = 2, 0
     m.engine.before_step()
     assert (2, 0) in steps

@@ -10,10 +10,11 @@ from .data import build_loaders, create_dataset, list_datasets
 from .measure import measure
 from .models import create_model, list_models
 from .sparsity import MaskEngine, create_method, list_methods
+from .sparsity.pruned import load_pruned
 from .train import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models", "create_dataset", "build_loaders", "list_datasets", "MaskEngine",
            "create_method", "list_methods", "measure", "compact", "load_config", "Trainer", "prune", "Pruner",
-           "__version__"]
+           "load_pruned", "__version__"]

@@ -3,67 +3,64 @@
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import invalidate, reset_states, uses_framework
+from .sparsity.loop import LoopState, LoopStateError, default_optimizer_factory
 from .sparsity.methods import Method, create_method
 
-__all__ = ["prune", "Pruner"]
-
-_NO_END = 2**62  # "epochs" when the loop length is unknown: no epoch is ever the last one
-
-
-class _LoopContext(SimpleNamespace):
-    """The few trainer attributes the methods read (``model``, ``optimizer``, ``example_input``, ``cfg.seed``,
-    ``cfg.train.epochs``, ``epoch``, ``global_step``, ``val_loader``, ``log``)."""
-
+__all__ = ["prune", "Pruner", "LoopState", "LoopStateError"]
 
 class Pruner:
     """A compression method attached to a model and optimizer, driven by your loop.
 
     Call :meth:`step` after every ``optimizer.step()`` and :meth:`epoch_end` once per epoch (after evaluation,
     with the metrics you have: ``{"val_acc": ...}`` for methods that select on validation accuracy). Anything
-    else is looked up on the method (``pruner.engine``, ``pruner.summary()``, ``pruner.kappa`` ...)."""
+    else is looked up on the method (``pruner.engine``, ``pruner.summary()``, ``pruner.kappa`` ...). The loop's
+    counters are in ``pruner.state`` (a :class:`~spikeprune.sparsity.loop.LoopState`)."""
 
-    def __init__(self, method: Method, ctx: _LoopContext):
+    def __init__(self, method: Method, state: LoopState):
         self.method = method
-        self.ctx = ctx
+        self.state = state
         self._finished = False
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("method", "ctx"):  # not set yet (copy/pickle): never recurse
+        if name in ("method", "state"):  # not set yet (copy/pickle): never recurse
             raise AttributeError(name)
         return getattr(self.method, name)
 
     @property
     def model(self) -> nn.Module:
-        return self.ctx.model
+        return self.state.model
 
     @property
     def epoch(self) -> int:
-        return self.ctx.epoch
+        return self.state.epoch
 
     @property
     def global_step(self) -> int:
-        return self.ctx.global_step
+        return self.state.step
 
     def step(self) -> None:
         """After each optimizer step: the method's per-step work (mask updates every ``update_every`` steps)."""
-        self.ctx.global_step += 1
-        self.method.on_step_end(self.ctx)
+        self.state.step += 1
+        self.state.step_in_epoch += 1
+        self.method.on_step_end(self.state)
 
     def epoch_end(self, metrics: dict | None = None) -> dict:
         """End of an epoch: the method's epoch work (rewiring, channel selection), then the next epoch starts.
         Returns the method's numbers for the epoch (density, compression, ...)."""
         metrics = dict(metrics or {})
-        self.method.on_epoch_end(self.ctx, metrics)
-        out = self.method.epoch_metrics(self.ctx)
-        self.ctx.epoch += 1
-        self.method.on_epoch_start(self.ctx)
+        self.state.metrics = metrics
+        self.method.on_epoch_end(self.state, metrics)
+        out = self.method.epoch_metrics(self.state)
+        self.state.epoch += 1
+        self.state.step_in_epoch = 0
+        self.method.on_epoch_start(self.state)
         return out
 
     def density(self) -> float:
@@ -73,7 +70,7 @@ class Pruner:
     def finish(self) -> None:
         """End of training: the method's last word (e.g. ``pq_rewire`` restores its best iteration)."""
         if not self._finished:
-            self.method.on_train_end(self.ctx)
+            self.method.on_train_end(self.state)
             self._finished = True
 
     def remove(self) -> nn.Module:
@@ -88,28 +85,36 @@ class Pruner:
         return self.model
 
     def state_dict(self) -> dict:
-        return {"method": self.method.state_dict(), "epoch": self.ctx.epoch, "global_step": self.ctx.global_step}
+        return {"method": self.method.state_dict(), "epoch": self.state.epoch, "global_step": self.state.step,
+                "step_in_epoch": self.state.step_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_state_dict(state["method"])
-        self.ctx.epoch, self.ctx.global_step = int(state["epoch"]), int(state["global_step"])
+        self.state.epoch, self.state.step = int(state["epoch"]), int(state["global_step"])
+        self.state.step_in_epoch = int(state.get("step_in_epoch", 0))
         self.method.engine.reattach()
 
     def __repr__(self) -> str:
-        return f"Pruner({type(self.method).__name__}, epoch={self.ctx.epoch}, step={self.ctx.global_step})"
+        return f"Pruner({type(self.method).__name__}, epoch={self.state.epoch}, step={self.state.step})"
 
 
 def prune(model: nn.Module, method: str | dict | Method = "dynsnn", example_input: torch.Tensor | None = None,
-          optimizer: torch.optim.Optimizer | None = None, *, epochs: int | None = None, seed: int = 0,
-          log=None, **options) -> Pruner:
+          optimizer: torch.optim.Optimizer | None = None, *, epochs: int | None = None,
+          steps_per_epoch: int | None = None, data: Iterable | None = None, validation: bool = False,
+          seed: int = 0, log=None, **options) -> Pruner:
     """Attach a compression method to ``model`` for your own training loop; returns a :class:`Pruner`.
 
     ``model`` is a spikeprune model, a SpikingJelly 2.x multi-step net, or an snnTorch net wrapped in
     :class:`spikeprune.adapters.snntorch.SnnTorchSequence`; it must map one batch to per-step outputs (unit
     methods trace it once on ``example_input``: one small batch, as the model takes it). ``method`` is a registered
     name (``dynsnn``, ``pq_rewire``, ``sca``; options as keywords, as in a recipe's ``method:``), a spec dict or a
-    :class:`~spikeprune.sparsity.Method`. ``epochs`` is the length of your loop (methods that skip work in the last
-    epoch need it), ``seed`` seeds the method's random draws, ``log`` receives its messages (default: silent).
+    :class:`~spikeprune.sparsity.Method`. ``epochs`` and ``steps_per_epoch`` are the length of your loop; methods
+    with a schedule (``magnitude``, ``lth``, ``set``, ``rigl``, ``eslsnn``, ``grad_r``, ``stds``, ``admm``, ``upr``)
+    need them and say so in one line (:class:`LoopStateError`) when they are missing. ``data`` is your training
+    loader (optional): its length gives ``steps_per_epoch`` and its first batch ``example_input`` where these are
+    not passed. ``validation=True`` promises ``{"val_acc": ...}`` at every :meth:`Pruner.epoch_end` (``pq_rewire``
+    with ``select: val_acc``). ``seed`` seeds the method's random draws, ``log`` receives its messages (default:
+    silent). The same ``seed``, data order and loop give the same masks as :class:`~spikeprune.train.Trainer`.
 
     Example (SpikingJelly; reset the net's state per batch as usual)::
 
@@ -139,15 +144,23 @@ def prune(model: nn.Module, method: str | dict | Method = "dynsnn", example_inpu
         meth = method
     else:
         meth = create_method(method, **options)
+    if steps_per_epoch is None and data is not None and hasattr(data, "__len__"):
+        steps_per_epoch = len(data)
     if example_input is None and hasattr(model, "example_input"):
         example_input = model.example_input(2)
+    if example_input is None and data is not None:
+        example_input = next(iter(data))[0]
     if example_input is not None:
         example_input = example_input.to(next(model.parameters()).device)
-    ctx = _LoopContext(model=model, optimizer=optimizer, example_input=example_input, epoch=0, global_step=0,
-                       val_loader=(), history=[], log=log or (lambda *a, **k: None),
-                       device=next(model.parameters()).device,
-                       cfg=SimpleNamespace(seed=int(seed), train=SimpleNamespace(epochs=epochs or _NO_END)))
-    meth.setup(ctx)  # unit methods analyse the model here (the engine asks for example_input if missing)
+    from . import dist
+
+    state = LoopState(model=model, optimizer=optimizer, example_input=example_input,
+                      steps_per_epoch=None if steps_per_epoch is None else int(steps_per_epoch),
+                      epochs=None if epochs is None else int(epochs), seed=int(seed), world_size=dist.world_size(),
+                      rank=dist.rank(), log=log or _silent, optimizer_factory=default_optimizer_factory(optimizer),
+                      batches=data, validation=bool(validation))
+    meth.check_loop(state)  # one line naming the missing argument, before anything is attached
+    meth.setup(state)  # unit methods analyse the model here
     if getattr(meth, "neurons", None) == []:
         warnings.warn(f"{meth.name}: no spiking layer of {type(model).__name__} can take a unit mask (all are "
                       "output layers, residual-coupled, or fed state from another neuron call); nothing will be "
@@ -157,7 +170,11 @@ def prune(model: nn.Module, method: str | dict | Method = "dynsnn", example_inpu
         from .adapters.spikingjelly import store_membrane
 
         store_membrane(model, list(getattr(meth, "neurons", []) or []))
-    meth.on_train_start(ctx)
-    meth.on_epoch_start(ctx)
+    meth.on_train_start(state)
+    meth.on_epoch_start(state)
     reset_states(model)
-    return Pruner(meth, ctx)
+    return Pruner(meth, state)
+
+
+def _silent(*args, **kwargs) -> None:
+    return None

@@ -12,7 +12,13 @@ class Callback:
     name, so a resumed run may add or drop other callbacks.
 
     Hooks run at step boundaries: a ``KeyboardInterrupt`` raised inside one is not checkpointed (the step may be
-    half-done); Ctrl-C is deferred by the trainer to the end of the step, which is saved."""
+    half-done); Ctrl-C is deferred by the trainer to the end of the step, which is saved.
+
+    A callback with ``wants_loop_state = True`` (every compression method) receives the trainer's
+    :class:`~spikeprune.sparsity.loop.LoopState` in place of the trainer, the same contract
+    :func:`spikeprune.prune` fills for a user's own loop."""
+
+    wants_loop_state = False
 
     def setup(self, trainer: Any) -> None:
         """Called once the model and optimizer exist (before a resumed state is loaded)."""

@@ -634,10 +634,23 @@ def compile_chain(model: nn.Module, inputs: Iterable[torch.Tensor], attr: str = 
     """Replace ``model.<attr>`` (a ``Sequential``, e.g. of :func:`to_event_driven`'s copy) by an
     :class:`EventChain`, each EventLinear fixed to the path ``auto`` takes on ``inputs`` after
     :func:`check_network` with ``rounds`` (so the chain never uses a path slower than dense there). Build one per
-    deployment batch size: the best path depends on it. Returns ``model``."""
-    body = getattr(model, attr)
+    deployment batch size: the best path depends on it. Returns ``model``.
+
+    A model with no event-driven layer (one that did not go through :func:`to_event_driven`) is converted first,
+    ``to_event_driven(model, "auto", example_input)`` with its own ``example_input`` or the first two samples of
+    the first input: the chain is then built on that inference copy, which is returned (``model`` itself is left
+    as it was)."""
+    body = getattr(model, attr, None)
     if not isinstance(body, nn.Sequential):
         raise ValueError(f"model.{attr} must be an nn.Sequential, got {type(body).__name__}")
+    if not event_layers(model):
+        inputs = list(inputs)
+        example = None if hasattr(model, "example_input") or not inputs else inputs[0][:2]
+        model = to_event_driven(model, mode="auto", example_input=example)
+        if not event_layers(model):
+            raise ValueError("compile_chain: no layer of the model can run event-driven (no Linear/Conv2d with "
+                             "spiking input); run the model as it is")
+        body = getattr(model, attr)
     keys = check_network(model, inputs, rounds)["keys"]
     paths = {}
     for n, m in body.named_children():  # the path each layer takes on these inputs now (the most common one)

@@ -12,6 +12,12 @@
 
 The per-layer fan-out of every input position is computed once as the input-gradient of a convolution with
 all-ones output gradient and the binary weight map, so SOPs cost one multiply-add per input element.
+
+**Input layout.** A batch is ``[B, ...]`` (the model adds time itself: spikeprune's zoo models and ``Repeat``,
+:class:`~spikeprune.adapters.snntorch.SnnTorchSequence` with ``T``) or ``[T, B, ...]`` (SpikingJelly multi-step
+nets, ``SnnTorchSequence`` without ``T``). :func:`input_layout` tells which from the model (an ``input_layout``
+attribute of ``"B"`` or ``"TB"`` wins), else from the labels; ``measure(..., layout="TB")`` says it outright. A
+layout that cannot be told, or labels that contradict it, stop with one line: samples are never miscounted.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import neuron_spikes, reset_states, unit_axis
+from .adapters import framework_of, neuron_spikes, reset_states, unit_axis, uses_framework
 from .graph import SYNAPTIC, analyze
 from .neurons import is_neuron
 
@@ -138,21 +144,83 @@ def _fanout(m: nn.Module, w_bin: torch.Tensor, in_shape: tuple[int, ...]) -> tor
                                       m.stride, m.padding, m.dilation, m.groups)[0]
 
 
+LAYOUTS = ("B", "TB")
+_SNNTORCH_WRAP = ("wrap it: spikeprune.adapters.snntorch.SnnTorchSequence(net, T=...) for [B, ...] batches or "
+                  "SnnTorchSequence(net) for [T, B, ...] batches")
+
+
+def input_layout(model: nn.Module, layout: str | None = None) -> str | None:
+    """``"B"`` (batches ``[B, ...]``, the model adds time) or ``"TB"`` (``[T, B, ...]``) as far as ``model`` tells,
+    ``None`` where it does not. ``layout`` (or a ``model.input_layout`` attribute) is taken as given. A plain
+    snnTorch net (one time step per call) raises: it must be wrapped first."""
+    layout = layout if layout is not None else getattr(model, "input_layout", None)
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)} ([B, ...] or [T, B, ...]), got {layout!r}")
+        return layout
+    from .adapters.snntorch import SnnTorchSequence
+    from .layers import Repeat
+    from .models._base import SpikingModel
+
+    if isinstance(model, SpikingModel):
+        return "B"
+    if isinstance(model, SnnTorchSequence):
+        return "B" if model.T is not None else "TB"
+    mods = list(model.modules())
+    if any(isinstance(m, SnnTorchSequence) for m in mods):
+        return None
+    if isinstance(model, nn.Sequential) and any(framework_of(m) == "snntorch" for m in mods):
+        raise ValueError(f"measure: this nn.Sequential runs its snnTorch neurons one time step per call; "
+                         f"{_SNNTORCH_WRAP}")
+    if any(isinstance(m, Repeat) for m in mods):
+        return "B"
+    if uses_framework(model, "spikingjelly"):
+        modes = {getattr(m, "step_mode", None) for m in mods if framework_of(m) == "spikingjelly"}
+        if "s" in modes:
+            raise ValueError("measure: the SpikingJelly net has single-step neurons; set "
+                             "functional.set_step_mode(net, 'm') and feed [T, B, ...] batches")
+        return "TB"
+    return None
+
+
+def _resolve_layout(layout: str | None, x: torch.Tensor, y: torch.Tensor | None) -> str:
+    """The layout of batch ``x`` with labels ``y``: checks a known layout against the labels, or infers it."""
+    n = None if y is None else (y.shape[0] if y.dim() else 1)
+    fits = {"B": x.dim() >= 1 and x.shape[0] == n, "TB": x.dim() >= 2 and x.shape[1] == n}
+    if layout is not None:
+        if n is not None and not fits[layout]:
+            axis = 0 if layout == "B" else 1
+            raise ValueError(f"measure: the input is taken as {'[B, ...]' if layout == 'B' else '[T, B, ...]'} but its "
+                             f"batch axis {axis} has {x.shape[axis]} entries and the labels {n}: pass "
+                             f"layout='{'TB' if layout == 'B' else 'B'}' if the batches are "
+                             f"{'[T, B, ...]' if layout == 'B' else '[B, ...]'}")
+        return layout
+    if fits["B"] != fits["TB"]:
+        return "B" if fits["B"] else "TB"
+    raise ValueError(f"measure cannot tell whether the input {list(x.shape)} is [B, ...] or [T, B, ...]: pass "
+                     "layout='B' or layout='TB' (or set model.input_layout)")
+
+
 @torch.no_grad()
 def measure(model: nn.Module, loader, device: str | torch.device | None = None, max_batches: int | None = None,
             pj_per_ac: float = 0.9, pj_per_mac: float = 4.6, prunable: list[str] | None = None,
-            unit_rates: bool = False) -> Measurement:
+            unit_rates: bool = False, layout: str | None = None) -> Measurement:
     """Run ``loader`` through ``model`` (eval mode) and measure accuracy, connectivity, SOPs, energy and
-    firing rates. ``prunable`` restricts the connectivity total to those layers (default: all Conv/Linear)."""
+    firing rates. ``prunable`` restricts the connectivity total to those layers (default: all Conv/Linear).
+    ``layout`` is ``"B"`` for ``[B, ...]`` batches or ``"TB"`` for ``[T, B, ...]`` (default: told by the model, see
+    :func:`input_layout`); per-sample numbers divide by the batch axis of that layout."""
     if pj_per_ac < 0 or pj_per_mac < 0:
         raise ValueError("pj_per_ac and pj_per_mac must be >= 0")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    layout = input_layout(model, layout)
     it = iter(loader)
     first = next(it, None)
     if first is None:
         raise ValueError("measure() got an empty loader")
     x0 = first[0].to(device)
-    eff = effective_weights(model, x0[:2])
+    layout = _resolve_layout(layout, x0, first[1] if len(first) > 1 else None)
+    batch_axis = 0 if layout == "B" else 1
+    eff = effective_weights(model, x0.narrow(batch_axis, 0, min(2, x0.shape[batch_axis])))
     modules = dict(model.named_modules())
     layers = {n: LayerStats(n, "linear" if isinstance(modules[n], nn.Linear) else "conv", w.numel(),
                             int((w != 0).sum())) for n, w in eff.items()}
@@ -213,11 +281,17 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
         b = 0
         while batch is not None and (max_batches is None or b < max_batches):
             x, y = batch[0].to(device), batch[1].to(device)
+            if b:
+                _resolve_layout(layout, x, y)  # every batch: labels and batch axis agree
             reset_states(model)  # SpikingJelly / snnTorch neurons keep their state between calls
             out = model(x)
+            if not torch.is_tensor(out):
+                raise ValueError(f"measure: {type(model).__name__} returned a {type(out).__name__}, not per-step "
+                                 "outputs [T, B, K]" + (f"; {_SNNTORCH_WRAP}" if uses_framework(model, "snntorch")
+                                                        else ""))
             logits = out.mean(0) if out.dim() == 3 else out
             correct += int((logits.argmax(-1) == y).sum())
-            samples += x.shape[0]
+            samples += x.shape[batch_axis]
             b += 1
             batch = next(it, None)
     finally:

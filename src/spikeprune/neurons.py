@@ -523,6 +523,13 @@ class BaseNeuron(nn.Module):
         self.v: torch.Tensor | None = None
         self.observers: list[Callable[[nn.Module, torch.Tensor, torch.Tensor], None]] = []
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save(model)``, ``deepcopy``) without transient observers (a method's activity monitor):
+        they belong to the training run, not to the model."""
+        state = super().__getstate__()
+        state["observers"] = [o for o in state.get("observers", []) if not getattr(o, "transient", False)]
+        return state
+
     # decay rate k = 1/tau; IF has none
     def decay(self) -> torch.Tensor | float:
         return 1.0
@@ -550,6 +557,8 @@ class BaseNeuron(nn.Module):
         if provider is not None:
             mask, on_gate = provider()
             gate = mask.to(x.dtype)
+        elif self._buffers.get("unit_mask") is not None:  # a saved pruned model, loaded without its engine
+            gate = self._buffers["unit_mask"].to(x.dtype)
         grad = torch.is_grad_enabled() and (x.requires_grad or need_k_grad)
         if not self.observers and not grad:
             # nothing will differentiate or look at the membrane: no [T, B, ...] membrane buffer, no graph (nothing

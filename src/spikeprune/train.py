@@ -16,6 +16,7 @@ every mask change the ranks compare mask checksums and stop with :class:`MaskDiv
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ from .callbacks import Callback
 from .config import RunConfig, jsonable, to_dict
 from .measure import Measurement, measure
 from .perf import keep_versions
+from .sparsity.loop import LoopState, loop_field
 from .progress import progress_bar
 
 
@@ -127,6 +129,11 @@ def set_rng_state(st: dict) -> None:
 class Trainer:
     """Trains ``cfg.model`` on ``cfg.data`` with ``cfg.method``; see the module docstring."""
 
+    # the loop's counters live in ``self.loop`` (a LoopState, what compression methods read)
+    epoch = loop_field("epoch")
+    step_in_epoch = loop_field("step_in_epoch")
+    global_step = loop_field("step")
+
     def __init__(self, cfg: RunConfig, model: nn.Module | None = None, loaders: tuple | None = None,
                  callbacks: list[Callback] | None = None, method: Callback | None = None, log=print):
         self.cfg = cfg
@@ -176,6 +183,14 @@ class Trainer:
         amp = cfg.train.amp == "on" or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        n_train = len(self.train_loader)
+        cap = cfg.train.max_steps_per_epoch
+        self.loop = LoopState(
+            model=self.model, optimizer=self.optimizer, example_input=self.example_input,
+            steps_per_epoch=max(1, n_train if cap is None else min(n_train, cap)), epochs=cfg.train.epochs,
+            seed=cfg.seed, world_size=dist.world_size(), rank=dist.rank(), log=self.log,
+            optimizer_factory=functools.partial(make_optimizer, cfg=cfg.train), batches=self.train_loader,
+            validation=self.val_loader is not None, scaler=self.scaler)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -185,7 +200,7 @@ class Trainer:
         self._stopped_cleanly = False
         self.run_dir = Path(cfg.run_dir)
         for c in self.callbacks:
-            c.setup(self)
+            c.setup(self.hook_arg(c))
         self._ckpt_acc: dict | None = None
         self.ddp = None
         if dist.is_dist():
@@ -204,6 +219,10 @@ class Trainer:
     def _example_input(self) -> torch.Tensor:
         x, _ = next(iter(self.test_loader))
         return x[:2].to(self.device)
+
+    def hook_arg(self, c: Callback):
+        """What a callback's hooks receive: the LoopState for methods (``wants_loop_state``), else the trainer."""
+        return self.loop if getattr(c, "wants_loop_state", False) else self
 
     @property
     def net(self) -> nn.Module:
@@ -422,7 +441,7 @@ class Trainer:
             self.step_in_epoch = i + 1
             versions = self._mask_versions()
             for c in self.callbacks:
-                c.on_step_end(self)
+                c.on_step_end(self.hook_arg(c))
             if versions != self._mask_versions():
                 self.check_masks("a mask update at the end of a step")
             acc["loss"] += loss.detach() * x.shape[0]
@@ -490,7 +509,7 @@ class Trainer:
                      f"{bs * dist.world_size()} global{', synchronised BatchNorm' if self.sync_bn else ''}")
         if not resumed:
             for c in self.callbacks:
-                c.on_train_start(self)
+                c.on_train_start(self.hook_arg(c))
             self.check_masks("on_train_start (the initial masks)")
         self._stop = self._stopped_cleanly = False
         catch = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
@@ -501,7 +520,7 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 for c in self.callbacks:
                     if self.step_in_epoch == 0:
-                        c.on_epoch_start(self)
+                        c.on_epoch_start(self.hook_arg(c))
                 t0 = time.perf_counter()
                 metrics = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
                 metrics.update(self.train_epoch())
@@ -510,11 +529,12 @@ class Trainer:
                 if self.val_loader is not None:
                     metrics["val_acc"] = self.evaluate(self.val_loader)
                 metrics["test_acc"] = self.evaluate(self.test_loader)
+                self.loop.metrics = metrics
                 for c in self.callbacks:
-                    c.on_epoch_end(self, metrics)
+                    c.on_epoch_end(self.hook_arg(c), metrics)
                 self.check_masks("on_epoch_end")
                 for c in self.callbacks:
-                    metrics.update(c.epoch_metrics(self))
+                    metrics.update(c.epoch_metrics(self.hook_arg(c)))
                 if self.scheduler:
                     self.scheduler.step()
                 self.epoch += 1
@@ -533,7 +553,7 @@ class Trainer:
             if catch:
                 signal.signal(signal.SIGINT, old_handler)
         for c in self.callbacks:
-            c.on_train_end(self)
+            c.on_train_end(self.hook_arg(c))
         self.check_masks("on_train_end")
         return self.final_measurement()
 

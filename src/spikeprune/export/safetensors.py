@@ -57,10 +57,11 @@ def save_safetensors(model_or_state: nn.Module | dict, path: str | Path, config:
     return path
 
 
-def load_safetensors(path: str | Path, model: nn.Module | None = None,
-                     device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def load_safetensors(path: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu",
+                     example_input: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Read ``path`` (and its JSON, from beside it or from the header). With ``model``, load the tensors into it,
-    masks included (buffers and hooks re-created). Returns ``(state_dict, meta)``."""
+    masks included (buffers and hooks re-created by :func:`spikeprune.load_pruned`; unit masks need
+    ``example_input`` unless the model makes its own). Returns ``(state_dict, meta)``."""
     st = _st()
     path = Path(path)
     state = st.load_file(str(path), device=str(device))
@@ -73,9 +74,9 @@ def load_safetensors(path: str | Path, model: nn.Module | None = None,
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("spikeprune", "{}"))
     if model is not None:
-        from ..cli import load_masked_state
+        from ..sparsity.pruned import load_pruned
 
-        load_masked_state(model, state)
+        load_pruned(model, state, example_input=example_input)
     return state, meta
 
 

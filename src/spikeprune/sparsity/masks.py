@@ -45,6 +45,7 @@ from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
 from ..neurons import BaseNeuron, is_neuron, set_unit_gate
 from ..perf import keep_versions, unit_sums
+from .hooks import MethodHook, StaticUnitMask
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]
 PARKED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")  # second moments: only ever under a square root
@@ -129,6 +130,21 @@ class _UnitGate(torch.autograd.Function):
         return gx, None, None, None
 
 
+class ForeignPruningError(RuntimeError):
+    """A layer the engine masks was also pruned with ``torch.nn.utils.prune`` (same ``weight_mask`` name)."""
+
+
+def _foreign_pruning(name: str, layer: nn.Module) -> ForeignPruningError | None:
+    mask = layer._buffers.get("weight_mask")
+    if "weight_orig" not in layer._parameters and (mask is None or mask.dtype == torch.bool):
+        return None
+    return ForeignPruningError(
+        f"layer {name!r} was pruned with torch.nn.utils.prune, whose weight_mask replaces spikeprune's: the two "
+        "would silently diverge. Prune a layer with one of them (torch.nn.utils.prune.remove(layer, 'weight') "
+        "first, or spikeprune.export.torch_prune.from_torch_prune(model) to adopt its masks; to_torch_prune(model) "
+        "exports spikeprune's)")
+
+
 class MaskEngine:
     """Owns every mask of one model. ``prunable`` layers are the Conv/Linear weights not in ``ignored_layers``
     (names or modules); ``prune_first``/``prune_last`` include the first and last synaptic layer."""
@@ -149,7 +165,9 @@ class MaskEngine:
         if not prune_last:
             ignored.add(named[-1][0])
         self.layers: dict[str, nn.Module] = {n: m for n, m in named if n not in ignored}
-        for m in self.layers.values():
+        for n, m in self.layers.items():
+            if (err := _foreign_pruning(n, m)) is not None:
+                raise err
             if getattr(m, "weight_mask", None) is None:
                 m.register_buffer("weight_mask", torch.ones_like(m.weight, dtype=torch.bool))
         self._example = example_input
@@ -186,6 +204,8 @@ class MaskEngine:
         """Install a new connection mask: dead weights become 0.0, regrown ones start at 0.0, and the optimizer
         state of every weight whose status changed is cleared."""
         layer = self.layers[name]
+        if (err := _foreign_pruning(name, layer)) is not None:
+            raise err
         mask = mask.to(device=layer.weight.device, dtype=torch.bool)
         if mask.shape != layer.weight.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has "
@@ -299,7 +319,14 @@ class MaskEngine:
         self.optimizer = None
         self._inf_parked.clear()  # (it holds that optimizer's state tensors)
 
+    def check_ownership(self) -> None:
+        """Raise :class:`ForeignPruningError` if ``torch.nn.utils.prune`` took over a layer's ``weight_mask``."""
+        for n, m in self.layers.items():
+            if (err := _foreign_pruning(n, m)) is not None:
+                raise err
+
     def _pre_step(self) -> None:
+        self.check_ownership()  # before the step: nothing is corrupted yet
         if self._grads_masked:  # before_step already ran for these gradients (e.g. before clipping)
             self._mask_grads()
         else:
@@ -372,7 +399,12 @@ class MaskEngine:
                     set_unit_gate(mod, functools.partial(self._gate, n, mod))
                     self._unit_hooks[n] = None
                 else:
-                    self._unit_hooks[n] = mod.register_forward_hook(self._unit_hook(n, len(g.unit_shape)))
+                    feat = len(g.unit_shape)
+                    for k, h in list(mod._forward_hooks.items()):  # the static form a saved model was loaded with
+                        if isinstance(h, StaticUnitMask):
+                            del mod._forward_hooks[k]
+                    self._unit_hooks[n] = mod.register_forward_hook(
+                        MethodHook(self._unit_hook(n, feat), frozen=functools.partial(StaticUnitMask, feat)))
         return names
 
     def _gate(self, name: str, mod: nn.Module) -> tuple:
@@ -465,6 +497,7 @@ class MaskEngine:
 
     def density(self) -> float:
         """Fraction of non-zero prunable weights, counted from the (effective) weights themselves."""
+        self.check_ownership()
         eff = self.effective_weights()
         nz = sum(count(eff[n]) for n in self.layers)
         return nz / max(1, sum(eff[n].numel() for n in self.layers))

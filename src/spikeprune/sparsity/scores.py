@@ -19,6 +19,7 @@ from ..adapters import neuron_membrane, neuron_spikes, unit_axis
 from ..neurons import BaseNeuron
 from ..perf import unit_sums
 from ..registry import Registry
+from .hooks import MethodHook
 
 SCORES = Registry("score")
 register_score = SCORES.register
@@ -93,11 +94,11 @@ class ActivityMonitor:
         for n in neurons:
             mod = modules[n]
             if isinstance(mod, BaseNeuron):
-                obs = self._observer(n)
+                obs = MethodHook(self._observer(n), unit_stats=1 if self.what == "spikes" else 2)
                 mod.observers.append(obs)
                 self._handles.append((mod, obs))
             else:  # foreign neuron: spikes from the output, read before any unit-mask hook (prepended)
-                self._handles.append(mod.register_forward_hook(self._hook(n), prepend=True))
+                self._handles.append(mod.register_forward_hook(MethodHook(self._hook(n)), prepend=True))
 
     def _hook(self, name: str):
         def hook(mod, inputs, out):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ...callbacks import Callback
 from ...config import ConfigError
+from ..loop import LoopState
 from ..masks import MaskEngine
 
 
@@ -30,27 +30,42 @@ class MethodConfig:
 
 
 class Method(Callback):
-    """A compression method: a trainer callback that owns a :class:`MaskEngine`."""
+    """A compression method: a callback that owns a :class:`MaskEngine`.
+
+    Its hooks receive a :class:`~spikeprune.sparsity.loop.LoopState` (filled by the trainer or by
+    :func:`spikeprune.prune`), never the trainer itself. What a method needs from the loop beyond the model and
+    optimizer is listed by :meth:`requirements`, checked before :meth:`setup`."""
 
     Config = MethodConfig
     name = "method"
+    wants_loop_state = True  # the trainer passes its LoopState to this callback's hooks
 
     def __init__(self, cfg: MethodConfig | None = None):
         self.cfg = cfg if cfg is not None else self.Config()
         self.engine: MaskEngine | None = None
-        self.trainer: Any = None  # the trainer (or spikeprune.prune's stand-in) this method was set up on
+        self.state: LoopState | None = None  # the loop this method was set up on
         self.history: list[dict] = []
         self.generator = torch.Generator()
 
-    def setup(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.engine = MaskEngine(trainer.model, self.cfg.ignored_layers, self.cfg.prune_first,
-                                 self.cfg.prune_last, example_input=trainer.example_input)
-        self.engine.attach(trainer.optimizer)
-        # the same seed on every rank: random draws agree without communication
-        self.generator.manual_seed(int(trainer.cfg.seed) * 1000003 + 17)
+    def requirements(self) -> list[tuple[str, str]]:
+        """``(field, why)`` pairs of :class:`LoopState` fields this method (with its config) cannot do without;
+        ``spikeprune.prune`` turns a missing one into a one-line error naming the argument to pass."""
+        return [("optimizer", "re-apply the masks after every optimizer step")]
 
-    def epoch_metrics(self, trainer: Any) -> dict:
+    def check_loop(self, state: LoopState) -> None:
+        for what, why in self.requirements():
+            state.require(self.name, what, why)
+
+    def setup(self, state: LoopState) -> None:
+        self.check_loop(state)
+        self.state = state
+        self.engine = MaskEngine(state.model, self.cfg.ignored_layers, self.cfg.prune_first,
+                                 self.cfg.prune_last, example_input=state.example_input)
+        self.engine.attach(state.optimizer)
+        # the same seed on every rank: random draws agree without communication
+        self.generator.manual_seed(int(state.seed) * 1000003 + 17)
+
+    def epoch_metrics(self, state: LoopState) -> dict:
         return {"density": self.engine.density()} if self.engine else {}
 
     def state_dict(self) -> dict:

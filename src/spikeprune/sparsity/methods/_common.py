@@ -10,37 +10,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ...train import make_optimizer
+from ..loop import LoopState
 from ..masks import any_true, count, init_masks, select_per_row
 from ..scores import GradientMomentum
 from ._base import Method, MethodConfig
 
 
 # ------------------------------------------------------------------------------------------- clock
-def steps_per_epoch(trainer: Any) -> int:
-    n = len(trainer.train_loader)
-    cap = trainer.cfg.train.max_steps_per_epoch
-    return max(1, n if cap is None else min(n, cap))
+def total_steps(state: LoopState, who: str = "this method") -> int:
+    """Optimizer steps of the whole run (``epochs`` × steps per epoch); a one-line error where the loop does not
+    say."""
+    return state.total_steps(who)
 
 
-def steps_per_epoch_or_none(trainer: Any) -> int | None:
-    """:func:`steps_per_epoch`, or ``None`` when the loop does not say (your own loop through ``spikeprune.prune``)."""
-    loader = getattr(trainer, "train_loader", None)
-    return steps_per_epoch(trainer) if loader is not None and hasattr(loader, "__len__") else None
-
-
-def total_steps(trainer: Any) -> int:
-    """Optimizer steps of the whole run (``train.epochs`` × steps per epoch)."""
-    return max(1, steps_per_epoch(trainer) * trainer.cfg.train.epochs)
-
-
-def current_lr(trainer: Any) -> float:
-    return float(trainer.optimizer.param_groups[0]["lr"])
+def schedule_requirements(why: str = "plan its schedule") -> list[tuple[str, str]]:
+    return [("epochs", why), ("steps_per_epoch", why + " in steps")]
 
 
 def cubic_sparsity(t: float, s_i: float, s_f: float, t0: float, span: float) -> float:
@@ -94,9 +83,9 @@ class HiddenWeights:
     """A hidden real tensor θ per prunable layer (Grad R, STDS), stepped by an optimizer of the run's own kind and
     settings, at the run's current learning rate, from gradients the method supplies."""
 
-    def __init__(self, theta: dict[str, torch.Tensor], train_cfg: Any):
+    def __init__(self, theta: dict[str, torch.Tensor], state: LoopState):
         self.theta = {n: nn.Parameter(t.detach().clone()) for n, t in theta.items()}
-        self.opt = make_optimizer(list(self.theta.values()), train_cfg)
+        self.opt = state.make_optimizer(list(self.theta.values()))
 
     @torch.no_grad()
     def step(self, grads: dict[str, torch.Tensor], lr: float) -> None:
@@ -124,10 +113,13 @@ class HiddenWeightMethod(Method):
     through the engine's ``dense_grad_hooks`` (before masking), θ takes its optimizer step after the run's step, and
     the mask and weights are then written from θ through the engine (the run's own update of ``w`` is overwritten)."""
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def requirements(self) -> list[tuple[str, str]]:
+        return [*super().requirements(), *schedule_requirements("plan its sparsity schedule")]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
         self.hidden = HiddenWeights({n: self.init_theta(n, m.weight.detach()) for n, m in self.engine.layers.items()},
-                                    trainer.cfg.train)
+                                    state)
         self.grads: dict[str, torch.Tensor] = {}
         self.engine.dense_grad_hooks.append(lambda n, layer, g: self.grads.__setitem__(n, self.theta_grad(n, g)))
 
@@ -141,16 +133,16 @@ class HiddenWeightMethod(Method):
     def mask_and_weight(self, name: str, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def after_theta_step(self, trainer: Any, lr: float) -> None:
+    def after_theta_step(self, state: LoopState, lr: float) -> None:
         """Method-specific changes to θ after its optimizer step (prior terms, thresholds)."""
 
-    def on_step_end(self, trainer: Any) -> None:
+    def on_step_end(self, state: LoopState) -> None:
         if not self.grads:  # the step was skipped (AMP overflow)
             return
-        lr = current_lr(trainer)
+        lr = state.lr()
         self.hidden.step(self.grads, lr)
         self.grads = {}
-        self.after_theta_step(trainer, lr)
+        self.after_theta_step(state, lr)
         self.write()
 
     @torch.no_grad()
@@ -195,9 +187,12 @@ class DropGrow(Method):
 
     Config = DropGrowConfig
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        self.t_end = self.cfg.end * total_steps(trainer)
+    def requirements(self) -> list[tuple[str, str]]:
+        return [*super().requirements(), *schedule_requirements("decay its drop fraction and stop at `end` of the run")]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        self.t_end = self.cfg.end * total_steps(state, self.name)
         self.grads: dict[str, torch.Tensor] = {}
         self.momentum = GradientMomentum(self.cfg.momentum) if self.cfg.grow == "momentum" else None
         if self.momentum is not None:
@@ -207,10 +202,10 @@ class DropGrow(Method):
 
     def _capture(self, name: str, layer: nn.Module, grad: torch.Tensor) -> None:
         every = self.cfg.update_every  # the step being taken is global_step + 1; epoch mode keeps the last one
-        if every == 0 or (self.trainer.global_step + 1) % every == 0:
+        if every == 0 or (self.state.step + 1) % every == 0:
             self.grads[name] = grad.detach().abs()  # a new tensor: the engine masks ``grad`` in place next
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         init_masks(self.engine, self.cfg.init, self.cfg.target_density, self.generator)
 
     def drop_fraction(self, t: int) -> float:
@@ -219,14 +214,14 @@ class DropGrow(Method):
             return 0.0
         return c.fraction if c.decay == "constant" else c.fraction / 2 * (1 + math.cos(math.pi * t / self.t_end))
 
-    def on_step_end(self, trainer: Any) -> None:
-        t = trainer.global_step
+    def on_step_end(self, state: LoopState) -> None:
+        t = state.step
         if self.cfg.update_every and t % self.cfg.update_every == 0 and t < self.t_end:
             self.update(t)
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        if self.cfg.update_every == 0 and trainer.epoch + 1 < self.cfg.end * trainer.cfg.train.epochs:
-            self.update(trainer.global_step)
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
+        if self.cfg.update_every == 0 and state.epoch + 1 < self.cfg.end * state.epochs:
+            self.update(state.step)
 
     def drop_mask(self, w: torch.Tensor, m: torch.Tensor, f: float) -> torch.Tensor:
         if self.cfg.drop == "magnitude":

@@ -19,12 +19,13 @@ all spiking layers, per sample; no weight quantisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ...neurons import is_neuron
+from ..hooks import MethodHook
+from ..loop import LoopState
 from . import register_method
 from ._base import Method, MethodConfig
 from ._common import check_density, pick
@@ -54,20 +55,26 @@ class ADMM(Method):
     Config = ADMMConfig
     name = "admm"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        epochs = trainer.cfg.train.epochs
+    def requirements(self) -> list[tuple[str, str]]:
+        if self.cfg.prune_epoch is None:
+            return [*super().requirements(), ("epochs", "hard-prune after 3/4 of them (or set prune_epoch)")]
+        return super().requirements()
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        epochs = state.epochs
         self.prune_epoch = round(0.75 * epochs) if self.cfg.prune_epoch is None else self.cfg.prune_epoch
-        self.cfg.check(self.prune_epoch <= epochs, "method.prune_epoch",
-                       f"must be <= train.epochs ({epochs}), got {self.prune_epoch}")
+        if epochs is not None:
+            self.cfg.check(self.prune_epoch <= epochs, "method.prune_epoch",
+                           f"must be <= train.epochs ({epochs}), got {self.prune_epoch}")
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.pruned = False
         self.engine.dense_grad_hooks.append(self._admm_grad)
         self._hooks = []
         if self.cfg.activity > 0:
-            self._hooks = [m.register_forward_hook(self._spike_penalty) for m in self.engine.model.modules()
-                           if is_neuron(m)]
+            self._hooks = [m.register_forward_hook(MethodHook(self._spike_penalty))  # (inert in a saved model)
+                           for m in self.engine.model.modules() if is_neuron(m)]
 
     def _admm_grad(self, name: str, layer: nn.Module, grad: torch.Tensor) -> None:
         if not self.pruned and name in self.Z and self.cfg.rho > 0:
@@ -88,7 +95,7 @@ class ADMM(Method):
                 self.Z[n] = project(w + self.U[n], self.cfg.target_density)
                 self.U[n].add_(w - self.Z[n])
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         if self.prune_epoch == 0:
             self.hard_prune()
         else:
@@ -100,17 +107,17 @@ class ADMM(Method):
             self.engine.set_mask(n, pick(w.abs(), round(self.cfg.target_density * w.numel()), self.engine.mask(n)))
         self.pruned, self.Z, self.U = True, {}, {}
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
         if self.pruned:
             return
-        if trainer.epoch + 1 >= self.prune_epoch:
+        if state.epoch + 1 >= self.prune_epoch:
             self.hard_prune()
         else:
             self.z_u_step()
-        self.history.append({"epoch": trainer.epoch + 1, "pruned": self.pruned})
+        self.history.append({"epoch": state.epoch + 1, "pruned": self.pruned})
 
-    def epoch_metrics(self, trainer: Any) -> dict:
-        out = super().epoch_metrics(trainer)
+    def epoch_metrics(self, state: LoopState) -> dict:
+        out = super().epoch_metrics(state)
         if self.Z:  # the primal residual ||W - Z|| / ||W||
             w = {n: m.weight.detach() for n, m in self.engine.layers.items()}
             num = sum(float((w[n] - self.Z[n]).pow(2).sum()) for n in w)

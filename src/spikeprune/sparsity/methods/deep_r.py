@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from ..loop import LoopState
 from ..masks import count, flat_true, init_masks
 from . import register_method
 from ._base import Method, MethodConfig
-from ._common import check_density, current_lr
+from ._common import check_density
 
 
 @dataclass
@@ -48,13 +49,13 @@ class DeepR(Method):
     Config = DeepRConfig
     name = "deep_r"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
         self.signs: dict[str, torch.Tensor] = {}
         self._cast: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # signs as weights, per layer
         self.budget: dict[str, int] = {}
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         for n, layer in self.engine.layers.items():
             w = layer.weight.detach()
             coin = torch.rand(w.shape, generator=self.generator).to(w.device) < 0.5
@@ -62,8 +63,8 @@ class DeepR(Method):
         init_masks(self.engine, self.cfg.init, self.cfg.target_density, self.generator)
         self.budget = {n: count(m) for n, m in self.engine.masks().items()}
 
-    def on_step_end(self, trainer: Any) -> None:
-        self.rewire(current_lr(trainer))
+    def on_step_end(self, state: LoopState) -> None:
+        self.rewire(state.lr())
 
     @torch.no_grad()
     def rewire(self, lr: float) -> int:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from ..loop import LoopState
 from ..scores import ActivityMonitor
 from . import register_method
 from ._base import Method, MethodConfig
@@ -65,8 +66,11 @@ class DynSNN(Method):
     Config = DynSNNConfig
     name = "dynsnn"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def requirements(self) -> list[tuple[str, str]]:
+        return [*super().requirements(), ("example_input", "trace which spiking units it can mask")]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
         self.neurons = self.engine.enable_units()
         self.monitor = ActivityMonitor(self.engine.model, self.neurons, "spikes", ema=self.cfg.beta)
         self.kappa = self.cfg.kappa
@@ -74,15 +78,13 @@ class DynSNN(Method):
         self.compression = 0.0
         self.dense_nonzero = None
 
-    def _active(self, trainer: Any) -> bool:
-        frozen = self.cfg.freeze_epoch is not None and trainer.epoch >= self.cfg.freeze_epoch
-        return trainer.epoch >= self.cfg.warmup_epochs and not frozen
+    def _active(self, state: LoopState) -> bool:
+        frozen = self.cfg.freeze_epoch is not None and state.epoch >= self.cfg.freeze_epoch
+        return state.epoch >= self.cfg.warmup_epochs and not frozen
 
-    def on_step_end(self, trainer: Any) -> None:
-        loader = getattr(trainer, "train_loader", None)
-        per_epoch = len(loader) if loader is not None and hasattr(loader, "__len__") else 0
-        self.progress = trainer.epoch + (getattr(trainer, "step_in_epoch", 0) / per_epoch if per_epoch else 0.0)
-        if self._active(trainer) and trainer.global_step % self.cfg.update_every == 0:
+    def on_step_end(self, state: LoopState) -> None:
+        self.progress = state.progress
+        if self._active(state) and state.step % self.cfg.update_every == 0:
             self.update()
 
     @torch.no_grad()
@@ -117,7 +119,7 @@ class DynSNN(Method):
         p = min(1.0, max(0.0, (self.progress - c.warmup_epochs) / c.ramp_epochs))
         return c.target_compression * (1 - (1 - p) ** 3)
 
-    def epoch_metrics(self, trainer: Any) -> dict:
+    def epoch_metrics(self, state: LoopState) -> dict:
         alive = sum(int(self.engine.unit_mask(n).sum()) for n in self.neurons)
         total = sum(self.engine.unit_mask(n).numel() for n in self.neurons)
         dens = self.engine.density()

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..loop import LoopState
 from . import register_method
 from ._base import MethodConfig
 from ._common import HiddenWeightMethod, cubic_sparsity, total_steps
@@ -62,10 +62,10 @@ class GradR(HiddenWeightMethod):
     Config = GradRConfig
     name = "grad_r"
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, state: LoopState) -> None:
         self.signs: dict[str, torch.Tensor] = {}
-        super().setup(trainer)
-        steps = total_steps(trainer)
+        super().setup(state)
+        steps = total_steps(state, self.name)
         self.end, self.horizon = round(self.cfg.control_end * steps), max(1, round(self.cfg.control_horizon * steps))
         self.alpha = self.cfg.alpha
 
@@ -91,15 +91,15 @@ class GradR(HiddenWeightMethod):
         return theta > 0, theta.clamp(min=0) * self.signs[name]
 
     @torch.no_grad()
-    def after_theta_step(self, trainer: Any, lr: float) -> None:
+    def after_theta_step(self, state: LoopState, lr: float) -> None:
         if self.cfg.control:
-            self.alpha = self.control(trainer.global_step, lr)
+            self.alpha = self.control(state.step, lr)
         mu = prior_center(1 - self.cfg.target_density, self.alpha)
         for theta in self.hidden.theta.values():
             theta.sub_(torch.sign(theta - mu), alpha=lr * self.alpha)
 
-    def epoch_metrics(self, trainer: Any) -> dict:
-        return {**super().epoch_metrics(trainer), "alpha": self.alpha}
+    def epoch_metrics(self, state: LoopState) -> dict:
+        return {**super().epoch_metrics(state), "alpha": self.alpha}
 
     def summary(self) -> dict:
         return {"alpha": self.alpha}

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..loop import LoopState
 from . import register_method
 from ._base import Method, MethodConfig
 from ._common import check_density, magnitude_masks
@@ -52,9 +52,12 @@ class LTH(Method):
     Config = LTHConfig
     name = "lth"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        c, epochs = self.cfg, trainer.cfg.train.epochs
+    def requirements(self) -> list[tuple[str, str]]:
+        return [*super().requirements(), ("epochs", "split the run into pruning rounds")]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        c, epochs = self.cfg, state.epochs
         self.rounds = lth_rounds(c.target_density, c.rate)
         self.per_round = c.epochs_per_round or max(1, epochs // (self.rounds + 1))
         c.check(self.rounds * self.per_round < epochs, "method.epochs_per_round",
@@ -78,14 +81,14 @@ class LTH(Method):
         """Surviving weights (and every other parameter and buffer) back to the stored copy; pruned stay 0."""
         self.engine.model.load_state_dict(self.rewind_state, strict=False)
         self.engine.apply()
-        self.trainer.optimizer.state.clear()
+        self.state.optimizer.state.clear()
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         if self.cfg.rewind_epoch == 0:
             self._snapshot()
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        e = trainer.epoch + 1
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
+        e = state.epoch + 1
         if e == self.cfg.rewind_epoch:
             self._snapshot()
         if e % self.per_round or self.done >= self.rounds:

@@ -17,11 +17,12 @@ Chosen here [R]: ``begin`` 0, ``end`` 0.75 of the run (Zhu & Gupta leave room fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from ..loop import LoopState
 from . import register_method
 from ._base import Method, MethodConfig
-from ._common import check_density, cubic_sparsity, magnitude_masks, total_steps
+from ._common import check_density, cubic_sparsity, magnitude_masks, schedule_requirements, total_steps
 
 
 @dataclass
@@ -49,15 +50,25 @@ class Magnitude(Method):
     Config = MagnitudeConfig
     name = "magnitude"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        c, epochs = self.cfg, trainer.cfg.train.epochs
+    def requirements(self) -> list[tuple[str, str]]:
+        if self.cfg.schedule == "cubic":
+            return [*super().requirements(), *schedule_requirements("plan its cubic sparsity schedule")]
+        if self.cfg.prune_epoch is None:
+            return [*super().requirements(), ("epochs", "prune after half of them (or set prune_epoch)")]
+        return super().requirements()
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        c, epochs = self.cfg, state.epochs
         self.prune_epoch = epochs // 2 if c.prune_epoch is None else c.prune_epoch
-        c.check(self.prune_epoch <= epochs, "method.prune_epoch",
-                f"must be <= train.epochs ({epochs}), got {self.prune_epoch}")
-        steps = total_steps(trainer)
-        self.t0 = round(c.begin * steps)
-        self.span = max(self.t0 + 1, round(c.end * steps)) - self.t0
+        if epochs is not None:
+            c.check(self.prune_epoch <= epochs, "method.prune_epoch",
+                    f"must be <= train.epochs ({epochs}), got {self.prune_epoch}")
+        self.t0 = self.span = 0
+        if c.schedule == "cubic":
+            steps = total_steps(state, self.name)
+            self.t0 = round(c.begin * steps)
+            self.span = max(self.t0 + 1, round(c.end * steps)) - self.t0
 
     def sparsity(self, t: int) -> float:
         """The cubic schedule's sparsity at step ``t``."""
@@ -68,19 +79,19 @@ class Magnitude(Method):
         self.engine.set_masks(magnitude_masks(self.engine, density, self.cfg.scope))
         self.history.append({"step": step, "density": density})
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         if self.cfg.schedule == "oneshot" and self.prune_epoch == 0:
             self.prune(self.cfg.target_density, 0)
         elif self.cfg.schedule == "cubic" and self.t0 == 0 and self.cfg.initial_density < 1:
             self.prune(self.cfg.initial_density, 0)
 
-    def on_step_end(self, trainer: Any) -> None:
-        t = trainer.global_step
+    def on_step_end(self, state: LoopState) -> None:
+        t = state.step
         if self.cfg.schedule != "cubic" or not self.t0 <= t <= self.t0 + self.span:
             return
         if (t - self.t0) % self.cfg.update_every == 0 or t == self.t0 + self.span:
             self.prune(1 - self.sparsity(t), t)
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        if self.cfg.schedule == "oneshot" and trainer.epoch + 1 == self.prune_epoch:
-            self.prune(self.cfg.target_density, trainer.global_step)
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
+        if self.cfg.schedule == "oneshot" and state.epoch + 1 == self.prune_epoch:
+            self.prune(self.cfg.target_density, state.step)

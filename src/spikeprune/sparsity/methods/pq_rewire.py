@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 import torch
 
+from ..loop import LoopState
 from ..masks import any_true, count, init_masks, scope_view, select_per_row
 from ..scores import GradientMomentum, pq_index, sap_prune_count
 from . import register_method
 from ._base import Method, MethodConfig
-from ._common import steps_per_epoch_or_none
 
 
 @dataclass
@@ -75,12 +75,14 @@ class PQRewire(Method):
     Config = PQRewireConfig
     name = "pq_rewire"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        if self.cfg.select == "val_acc" and trainer.val_loader is None:
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        if self.cfg.select == "val_acc" and not state.validation:
             from ...config import ConfigError
 
-            raise ConfigError("config key 'method.select' is val_acc but data.val_split is 0: set data.val_split")
+            raise ConfigError("config key 'method.select' is val_acc but the loop has no validation set: set "
+                              "data.val_split (spikeprune.prune: validation=True and pass {'val_acc': ...} to "
+                              "pruner.epoch_end())")
         self.momentum = GradientMomentum(self.cfg.momentum)
         self.engine.dense_grad_hooks.append(self._observe)
         self.best_state: dict | None = None
@@ -90,10 +92,10 @@ class PQRewire(Method):
 
     def _observe(self, name: str, layer: Any, grad: Any) -> None:
         """The dense gradient of the step now running, for the momentum when a regrowth will read it."""
-        tr = self.trainer
-        n = steps_per_epoch_or_none(tr)
+        tr = self.state
+        n = tr.steps_per_epoch
         if n is not None and n > self.window:
-            step = getattr(tr, "step_in_epoch", 0) + 1  # this step, 1-based
+            step = tr.step_in_epoch + 1  # this step, 1-based
             if not (self._regrows_after(tr, tr.epoch) and step > n - self.window):
                 return
             if self.window_epoch != tr.epoch:  # the window opens: the average starts from zero, as at step 1
@@ -101,13 +103,13 @@ class PQRewire(Method):
                 self.window_epoch = tr.epoch
         self.momentum(name, layer, grad)
 
-    def _regrows_after(self, trainer: Any, epoch: int) -> bool:
+    def _regrows_after(self, state: LoopState, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) ends with a prune-and-regrow (Stage II with regrowth)."""
         c = self.cfg
         j = epoch % c.epochs_per_iteration + 1
-        return j < c.epochs_per_iteration and j % c.epoch_frequency == 0 and epoch + 1 < trainer.cfg.train.epochs
+        return j < c.epochs_per_iteration and j % c.epoch_frequency == 0 and not state.is_last_epoch(epoch)
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, state: LoopState) -> None:
         init_masks(self.engine, self.cfg.init, self.cfg.init_density, self.generator)
 
     # ------------------------------------------------------------------------------ the two stages
@@ -147,23 +149,26 @@ class PQRewire(Method):
         return {"pruned": pruned, "regrown": moved}
 
     # --------------------------------------------------------------------------------- schedule
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
         c = self.cfg
-        j = trainer.epoch % c.epochs_per_iteration + 1  # epoch within the iteration, 1-based
-        last_epoch = trainer.epoch + 1 >= trainer.cfg.train.epochs
+        j = state.epoch % c.epochs_per_iteration + 1  # epoch within the iteration, 1-based
+        last_epoch = state.is_last_epoch()
         if j < c.epochs_per_iteration:
-            if self._regrows_after(trainer, trainer.epoch):
+            if self._regrows_after(state, state.epoch):
                 self.rewire(regrow=True)
             return
         # end of an iteration: record it, then the SAP net prune
         dens = self.engine.density()
-        rec = {"iteration": len(self.history) + 1, "epoch": trainer.epoch + 1, "density": dens,
+        rec = {"iteration": len(self.history) + 1, "epoch": state.epoch + 1, "density": dens,
                "test_acc": metrics.get("test_acc"), "val_acc": metrics.get("val_acc")}
         self.history.append(rec)
-        trainer.log(f"  pq_rewire iteration {rec['iteration']}: density {100 * dens:.2f}%"
+        state.log(f"  pq_rewire iteration {rec['iteration']}: density {100 * dens:.2f}%"
                     + (f", val {100 * rec['val_acc']:.2f}%" if rec["val_acc"] is not None else "")
                     + (f", test {100 * rec['test_acc']:.2f}%" if rec["test_acc"] is not None else ""))
         if c.select == "val_acc":
+            if rec["val_acc"] is None:
+                raise ValueError("pq_rewire with select=val_acc needs the validation accuracy: pass "
+                                 "{'val_acc': ...} to pruner.epoch_end()")
             best = max(h["val_acc"] for h in self.history)
             if rec["val_acc"] >= best:
                 self.best_state = copy.deepcopy({k: v.cpu() for k, v in self.engine.model.state_dict().items()})
@@ -172,11 +177,11 @@ class PQRewire(Method):
         if not last_epoch and not reached:
             self.rewire(regrow=False)
 
-    def on_train_end(self, trainer: Any) -> None:
+    def on_train_end(self, state: LoopState) -> None:
         if self.cfg.select == "val_acc" and self.best_state is not None:
             self.engine.model.load_state_dict(self.best_state)
             best = next(h for h in reversed(self.history) if h.get("best"))
-            trainer.log(f"  pq_rewire: restored iteration {best['iteration']} (best validation accuracy)")
+            state.log(f"  pq_rewire: restored iteration {best['iteration']} (best validation accuracy)")
 
     def trajectory(self) -> str:
         """The per-iteration density trajectory, one line."""

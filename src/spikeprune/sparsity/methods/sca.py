@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..loop import LoopState
 from ..scores import ActivityMonitor
 from . import register_method
 from ._base import Method, MethodConfig
@@ -56,8 +57,11 @@ class SCA(Method):
     Config = SCAConfig
     name = "sca"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def requirements(self) -> list[tuple[str, str]]:
+        return [*super().requirements(), ("example_input", "trace which conv channels it can mask")]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
         modules = dict(self.engine.model.named_modules())
         self.neurons = [g.neuron for g in self.engine.unit_groups()
                         if all(isinstance(modules[p], nn.Conv2d) for p in g.producers)]
@@ -74,16 +78,16 @@ class SCA(Method):
         if name in self.conv_layers:
             grad.add_(torch.sign(layer.weight), alpha=self.cfg.l1)
 
-    def _active(self, trainer: Any) -> bool:
-        frozen = self.cfg.freeze_epoch is not None and trainer.epoch + 1 >= self.cfg.freeze_epoch
-        return trainer.epoch + 1 >= self.cfg.start_epoch and not frozen
+    def _active(self, state: LoopState) -> bool:
+        frozen = self.cfg.freeze_epoch is not None and state.epoch + 1 >= self.cfg.freeze_epoch
+        return state.epoch + 1 >= self.cfg.start_epoch and not frozen
 
-    def on_epoch_start(self, trainer: Any) -> None:
+    def on_epoch_start(self, state: LoopState) -> None:
         self.monitor.reset()
         self.engine.pop_unit_grad()
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        if self._active(trainer) and trainer.epoch + 1 < trainer.cfg.train.epochs:
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
+        if self._active(state) and not state.is_last_epoch():
             self.update()
 
     @torch.no_grad()
@@ -123,7 +127,7 @@ class SCA(Method):
         kept = sum(int(self.engine.unit_mask(n).sum()) for n in self.neurons)
         return kept / max(1, sum(self.engine.unit_mask(n).numel() for n in self.neurons))
 
-    def epoch_metrics(self, trainer: Any) -> dict:
+    def epoch_metrics(self, state: LoopState) -> dict:
         return {"density": self.engine.density(), "channels_kept": self.channel_fraction()}
 
     def summary(self) -> dict:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from ..loop import LoopState
 from . import register_method
 from ._base import MethodConfig
 from ._common import HiddenWeightMethod, total_steps
@@ -51,9 +52,9 @@ class STDS(HiddenWeightMethod):
     Config = STDSConfig
     name = "stds"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        self.N = max(1, round(self.cfg.end * total_steps(trainer)))
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        self.N = max(1, round(self.cfg.end * total_steps(state, self.name)))
         self.D = self.cfg.flat_width
         self.threshold = 0.0
 
@@ -72,15 +73,15 @@ class STDS(HiddenWeightMethod):
         return sine_inc(x) if self.cfg.schedule == "sine" else x
 
     @torch.no_grad()
-    def after_theta_step(self, trainer: Any, lr: float) -> None:
+    def after_theta_step(self, state: LoopState, lr: float) -> None:
         if self.cfg.target_density is not None:
             a = torch.cat([t.detach().abs().flatten() for t in self.hidden.theta.values()])
             pruned = a.numel() - round(self.cfg.target_density * a.numel())
             self.D = float(a.kthvalue(pruned).values) if pruned > 0 else 0.0
-        self.threshold = self.D * self.inc(trainer.global_step)
+        self.threshold = self.D * self.inc(state.step)
 
-    def epoch_metrics(self, trainer: Any) -> dict:
-        return {**super().epoch_metrics(trainer), "threshold": self.threshold, "flat_width": self.D}
+    def epoch_metrics(self, state: LoopState) -> dict:
+        return {**super().epoch_metrics(state), "threshold": self.threshold, "flat_width": self.D}
 
     def summary(self) -> dict:
         return {"flat_width": self.D, "threshold": self.threshold}

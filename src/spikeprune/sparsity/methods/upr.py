@@ -35,17 +35,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
 
 from ... import dist
+from ...adapters import neuron_spikes, with_spikes
 from ...graph import probe
+from ..loop import LoopState
 from ..masks import fold_units
 from . import register_method
 from ._base import Method, MethodConfig
-from ._common import cubic_sparsity, steps_per_epoch
+from ._common import cubic_sparsity
 
 
 def upr_temperature(t: int, steps: int, t_init: float = 5.0, t_final: float = 1000.0) -> float:
@@ -80,6 +81,47 @@ class DensityController:
 
     def load_state_dict(self, st: dict) -> None:
         self.value, self.last, self.slope = st.get("value", self.value), st.get("last"), st.get("slope", 0.0)
+
+
+class SoftWeight:
+    """``w · sigmoid(τθ)`` for the duration of a layer's call: ``pre`` swaps it in, ``post`` puts the plain weight
+    back, so the optimizer, the engine and checkpoints only ever see the plain weight. ``τ`` is read from ``owner``
+    (the method) while it searches; a pickled model (``torch.save``) keeps θ and τ as they are then."""
+
+    def __init__(self, theta: torch.Tensor, owner=None, tau: float = 1.0):
+        self.theta, self.owner, self._tau, self.saved = theta, owner, float(tau), None
+
+    @property
+    def tau(self) -> float:
+        return self.owner.tau if self.owner is not None else self._tau
+
+    def pre(self, mod: nn.Module, args) -> None:
+        p = mod._parameters["weight"]
+        self.saved = p
+        mod._parameters["weight"] = p * torch.sigmoid(self.tau * self.theta)
+
+    def post(self, mod: nn.Module, args, out) -> None:
+        mod._parameters["weight"], self.saved = self.saved, None
+
+    def __reduce__(self):
+        return type(self), (self.theta.detach().clone(), None, self.tau)
+
+
+class SoftUnit:
+    """Forward hook: a spiking layer's output times ``sigmoid(τθ_n)`` per unit (frozen like :class:`SoftWeight`
+    when pickled)."""
+
+    def __init__(self, theta: torch.Tensor, feat_dims: int, owner=None, tau: float = 1.0):
+        self.theta, self.feat_dims, self.owner, self._tau = theta, int(feat_dims), owner, float(tau)
+
+    def __call__(self, mod: nn.Module, args, out):
+        tau = self.owner.tau if self.owner is not None else self._tau
+        s = neuron_spikes(out)  # snnTorch neurons may return (spk, mem): only spk is masked
+        return with_spikes(out, s * torch.sigmoid(tau * self.theta).view(-1, *([1] * (self.feat_dims - 1))))
+
+    def __reduce__(self):
+        tau = self.owner.tau if self.owner is not None else self._tau
+        return type(self), (self.theta.detach().clone(), self.feat_dims, None, tau)
 
 
 @dataclass
@@ -117,16 +159,25 @@ class UPR(Method):
     Config = UPRConfig
     name = "upr"
 
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
-        c, epochs = self.cfg, trainer.cfg.train.epochs
+    def requirements(self) -> list[tuple[str, str]]:
+        why = "plan its mask search (temperature and density schedule)"
+        need = [("steps_per_epoch", why + " in steps"),
+                ("example_input", "measure the SOP cost of each weight and unit")]
+        if self.cfg.search_epochs is None:
+            need.insert(0, ("epochs", why + " over 80% of them (or set search_epochs)"))
+        return [*super().requirements(), *need]
+
+    def setup(self, state: LoopState) -> None:
+        super().setup(state)
+        c, epochs = self.cfg, state.epochs
         self.search_epochs = max(1, round(0.8 * epochs)) if c.search_epochs is None else c.search_epochs
-        c.check(self.search_epochs <= max(1, epochs), "method.search_epochs",
-                f"must be <= train.epochs ({epochs}), got {self.search_epochs}")
-        self.search_steps = self.search_epochs * steps_per_epoch(trainer)
+        if epochs is not None:
+            c.check(self.search_epochs <= max(1, epochs), "method.search_epochs",
+                    f"must be <= train.epochs ({epochs}), got {self.search_epochs}")
+        self.search_steps = self.search_epochs * max(1, int(state.steps_per_epoch))
         self.modules = dict(self.engine.model.named_modules())
         self.neurons = self.engine.enable_units() if c.prune_neurons else []
-        self.cost_w, self.cost_n = self._costs(trainer.example_input)
+        self.cost_w, self.cost_n = self._costs(state.example_input)
         self.theta_w = {n: nn.Parameter(torch.full_like(m.weight.detach(), c.theta_init))
                         for n, m in self.engine.layers.items()}
         dev = next(self.engine.model.parameters()).device
@@ -141,7 +192,6 @@ class UPR(Method):
         self.tau = c.temp_init
         self.searching = True
         self.delta = (0.0, 0.0)
-        self._saved: dict[nn.Module, nn.Parameter] = {}
         self._handles: list = []
         self._install()
 
@@ -170,31 +220,16 @@ class UPR(Method):
 
     def _install(self) -> None:
         for n, layer in self.engine.layers.items():
-            self._handles += [layer.register_forward_pre_hook(self._soft_weight(n)),
-                              layer.register_forward_hook(self._restore_weight)]
+            soft = SoftWeight(self.theta_w[n], self)
+            self._handles += [layer.register_forward_pre_hook(soft.pre), layer.register_forward_hook(soft.post)]
         for g in self.neurons:
             feat = len(self.engine.group(g).unit_shape)
-            self._handles.append(self.modules[g].register_forward_hook(self._soft_unit(g, feat)))
+            self._handles.append(self.modules[g].register_forward_hook(SoftUnit(self.theta_n[g], feat, self)))
 
     def _remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-    def _soft_weight(self, name: str):
-        def pre(mod, args):
-            p = mod._parameters["weight"]
-            self._saved[mod] = p
-            mod._parameters["weight"] = p * torch.sigmoid(self.tau * self.theta_w[name])
-        return pre
-
-    def _restore_weight(self, mod, args, out) -> None:
-        mod._parameters["weight"] = self._saved.pop(mod)
-
-    def _soft_unit(self, name: str, feat_dims: int):
-        def hook(mod, args, out):
-            return out * torch.sigmoid(self.tau * self.theta_n[name]).view(-1, *([1] * (feat_dims - 1)))
-        return hook
 
     # ---------------------------------------------------------------------------------- search
     def penalty(self) -> torch.Tensor:
@@ -234,10 +269,10 @@ class UPR(Method):
         surplus = on.numel() - round(target * sum(t.numel() for t in self.theta_w.values()))
         return lo, (float(on.kthvalue(surplus).values) if surplus > 0 else 0.0)
 
-    def on_step_end(self, trainer: Any) -> None:
+    def on_step_end(self, state: LoopState) -> None:
         if not self.searching:
             return
-        scaler = getattr(trainer, "scaler", None)
+        scaler = state.scaler
         unscale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
         task = [dist.all_mean(p.grad * unscale) if p.grad is not None else torch.zeros_like(p) for p in self.params]
         with torch.enable_grad():
@@ -253,13 +288,13 @@ class UPR(Method):
             self.opt.step()
         for p in self.params:
             p.grad = None
-        t = trainer.global_step
+        t = state.step
         self.tau = upr_temperature(t, self.search_steps, self.cfg.temp_init, self.cfg.temp_final)
         if self.cfg.target_density is not None:
             self.lmbda.update(t, self.hard_density())
 
-    def on_epoch_end(self, trainer: Any, metrics: dict) -> None:
-        if self.searching and trainer.epoch + 1 >= self.search_epochs:
+    def on_epoch_end(self, state: LoopState, metrics: dict) -> None:
+        if self.searching and state.epoch + 1 >= self.search_epochs:
             self.finish_search()
 
     @torch.no_grad()
@@ -281,8 +316,8 @@ class UPR(Method):
                              "theta_offsets": self.delta})
 
     # ------------------------------------------------------------------------------- reporting
-    def epoch_metrics(self, trainer: Any) -> dict:
-        out = {**super().epoch_metrics(trainer), "lambda": self.lmbda.value, "temperature": self.tau}
+    def epoch_metrics(self, state: LoopState) -> dict:
+        out = {**super().epoch_metrics(state), "lambda": self.lmbda.value, "temperature": self.tau}
         if self.searching:
             out["hard_density"] = self.hard_density()
         return out
