@@ -15,7 +15,10 @@ module                                      NIR node(s)
 ``AvgPool2d``                               ``nir.AvgPool2d``
 ``MaxPool2d`` on spikes                     ``nir.SumPool2d`` + ``nir.Threshold(0.5)`` (the max of 0/1 spikes is
                                             "any spike in the window"; NIR has no max pooling)
-``Flatten``                                 ``nir.Flatten`` (per-sample shapes, no batch axis)
+``Flatten``                                 ``nir.Flatten`` (per-sample shapes, no batch axis; negative
+                                            ``start_dim`` for the snntorch/spikingjelly targets)
+``VotingLayer``                             ``nir.Linear`` with fixed ``1/group`` blocks
+input normalisation (``normalize=``)        a diagonal 1x1 ``nir.Conv2d`` / ``nir.Affine`` in front
 ``Repeat`` / ``EventInput`` / ``Dropout``   nothing (per-step graph: the input is presented at every step)
 ==========================================  =================================================================
 
@@ -31,6 +34,11 @@ or ``r = tau`` (without), and for IF ``r = 1 / dt``. ``dt`` defaults to 1 (time 
 metadata and used again on import. Hard reset maps to ``v_reset``; reset by subtraction has no NIR field: it is
 recorded in the node's metadata (``reset: subtract``) and ``v_reset`` is 0. spikeprune fires at ``H >= V_th``,
 NIR at ``v > v_threshold``.
+
+**Targets.** ``target="snntorch"`` / ``"spikingjelly"`` write what those frameworks' own importers read
+correctly as released (``dt`` 1e-4, max pooling of spikes as AvgPool2d + a firing node they map) and refuse, with
+the reason, what they would change (reset by subtraction, IF for snnTorch, ...); see
+:mod:`spikeprune.export.interop` for the importers and exporters themselves and ``docs/interop.md`` for the table.
 
 **Readout.** The graph's output is the last layer's per-step value; spikeprune classifiers average it over the
 ``T`` steps (``T`` and the encoding are in the graph's metadata).
