@@ -119,11 +119,30 @@ def _framework(name):
 
 # ------------------------------------------------------------------------------------------------ checks
 def assert_masked_zero(engine, where: str) -> None:
-    """Every masked weight is exactly 0.0 (connection masks and the fan-in rows of dead units)."""
+    """Every weight a connection mask removes is exactly 0.0."""
     for name, layer in engine.layers.items():
         w = layer.weight.detach()
         assert layer.weight_mask.dtype == torch.bool
         assert bool((w[~layer.weight_mask] == 0.0).all()), f"{name} {where}"
+
+
+def assert_dead_units_silent(model, engine, x, reset) -> None:
+    """Every unit a unit mask removes emits no spike (read after the mask, by a hook registered after it)."""
+    from spikeprune.adapters import neuron_spikes, unit_axis
+
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, neuron_spikes(o).detach()))
+             for n in engine.unit_masks()]
+    reset(model)
+    with torch.no_grad():
+        model(x)
+    reset(model)
+    for h in hooks:
+        h.remove()
+    for n, um in engine.unit_masks().items():
+        s = seen[n]
+        assert float(s.transpose(0, unit_axis(modules[n], s))[~um].abs().sum()) == 0.0, n
 
 
 def mask_density(engine) -> float:
@@ -176,10 +195,12 @@ def test_method_in_the_users_loop(method, framework):
         assert pruner.density() < 1.0
     elif method == "dynsnn":
         assert pruner.density() < 1.0 and any(not bool(um.all()) for um in pruner.engine.unit_masks().values())
+    x = make_x(torch.Generator().manual_seed(9))
     if method in UNIT_METHODS:
         assert pruner.engine.unit_masks()
+    if pruner.engine.unit_masks():  # dynsnn, sca, upr
+        assert_dead_units_silent(model, pruner.engine, x, reset)
     model.eval()
-    x = make_x(torch.Generator().manual_seed(9))
     with torch.no_grad():
         before = model(x)
     reset(model)
