@@ -316,6 +316,31 @@ def test_spikingjelly_export_to_spikeprune(sj):
     assert_same(run(net, xs), run(back, x))
 
 
+def test_spikingjelly_max_pool_tutorial_net(sj):
+    """SpikingJelly's conv tutorials max-pool spikes; its own exporter fails on them (2.0.0), from_spikingjelly
+    falls back to spikeprune's exporter: same outputs, max pooling kept."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from spikeprune.export.interop import from_spikingjelly
+
+    torch.manual_seed(5)
+    net = nn.Sequential(layer.Conv2d(1, 6, 3, padding=1), neuron.IFNode(v_threshold=0.5), layer.MaxPool2d(2),
+                        layer.Conv2d(6, 8, 3, padding=1), neuron.IFNode(v_threshold=0.5), layer.MaxPool2d(2),
+                        layer.Flatten(), layer.Linear(8 * 2 * 2, 10))
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.mul_(3.0)
+    net = net.double()
+    x = inputs()
+    xs = x.unsqueeze(0).expand(T, *x.shape)
+    back = from_spikingjelly(net, xs[:, :2]).double()
+    assert sum(type(m).__name__ == "MaxPool2d" for m in back.modules()) == 2
+    functional.reset_net(net)
+    assert_same(run(net, xs), run(back, x))
+
+
 # ------------------------------------------------------------------------------ constructs and refusals
 def test_zoo_max_pool_of_analog_values_refused():
     from spikeprune.export.nir import to_nir

@@ -68,6 +68,9 @@ QUIRKS = {
     "spikingjelly-2.0.0-groups": "export_to_nir/import_from_nir refuse grouped convolutions (target spikingjelly "
                                  "refuses them; input normalisation is written as an ungrouped 1x1 conv)",
     "spikingjelly-2.0.0-export-dt": "export_to_nir does not record dt in the graph (from_spikingjelly passes it)",
+    "spikingjelly-2.0.0-export-maxpool": "export_to_nir fails on MaxPool2d (a TraceError) and refuses soft reset "
+                                         "(from_spikingjelly falls back to spikeprune's to_nir, which reads "
+                                         "SpikingJelly nets directly)",
 }
 __doc__ += "".join(f"\n* ``{k}``: {v};" for k, v in QUIRKS.items())
 
@@ -371,21 +374,36 @@ def from_snntorch(net: nn.Module, sample: torch.Tensor, T: int | None = None) ->
 
 # -------------------------------------------------------------------------------------- from SpikingJelly
 def from_spikingjelly(net: nn.Module, example_input: torch.Tensor, T: int | None = None,
-                      dt: float = SPIKINGJELLY_DT) -> nn.Module:
+                      dt: float = SPIKINGJELLY_DT, fallback: bool = True) -> nn.Module:
     """A spikeprune model from a SpikingJelly net through SpikingJelly 2.0.0's own ``export_to_nir`` (hard reset
     only, as it refuses soft reset; :func:`spikeprune.export.nir.to_nir` reads SpikingJelly nets directly and
     keeps soft reset). ``example_input``: ``[T, B, ...]`` for a multi-step net (``T`` taken from it), ``[B, ...]``
-    for a single-step one. Its graph does not record ``dt``; pass the one it was exported with."""
+    for a single-step one. Its graph does not record ``dt``; pass the one it was exported with. Where its exporter
+    fails (max pooling, soft reset: SpikingJelly 2.0.0), ``fallback`` uses :func:`spikeprune.export.nir.to_nir`
+    on the net instead."""
     from spikingjelly.activation_based import functional
     from spikingjelly.activation_based.nir_exchange import export_to_nir
 
-    multi = any(getattr(m, "step_mode", "s") == "m" for m in net.modules())
-    try:
-        graph = export_to_nir(net, example_input, dt=dt)
-    finally:
-        functional.reset_net(net)
-    if T is None:
-        T = int(example_input.shape[0]) if multi else 4
     if not math.isfinite(dt) or dt <= 0:
         raise ValueError(f"dt must be > 0, got {dt}")
+    multi = any(getattr(m, "step_mode", "s") == "m" for m in net.modules())
+    if T is None:
+        T = int(example_input.shape[0]) if multi else 4
+    try:
+        graph = export_to_nir(net, example_input, dt=dt)
+    except Exception as e:  # noqa: BLE001
+        # SpikingJelly 2.0.0's export_to_nir has no MaxPool2d mapping (its tracer fails: "symbolically traced
+        # variables cannot be used as inputs to control flow") and refuses soft reset; spikeprune's own
+        # exporter reads SpikingJelly nets directly (max pooling of spikes, soft reset included)
+        if not fallback:
+            raise
+        from .nir import to_nir
+
+        try:
+            graph = to_nir(net, example_input, dt=dt)
+        except ValueError as e2:
+            raise ValueError(f"from_spikingjelly: SpikingJelly's export_to_nir failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}) and so did spikeprune's ({e2})") from None
+    finally:
+        functional.reset_net(net)
     return from_nir(graph, T=T, dt=dt)
