@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import signal
 import sys
 import sysconfig
 import time
@@ -181,8 +182,8 @@ class _BuildLock:
     live builder says so in one line and gives up after ``wait_s`` (``TimeoutError``: the caller runs eager).
 
     While it is held, a torch build ``lock`` in the folder was left by a killed build (every builder takes this
-    lock first), so :meth:`clear_stale_torch_lock` removes it (torch would wait for it forever) once the
-    compiler that killed build left running, if any, has finished. Where ``flock`` is unavailable (no ``fcntl``,
+    lock first), so :meth:`clear_stale_torch_lock` removes it (torch would wait for it forever), with what that
+    build left half done (its compiler, still running, is stopped). Where ``flock`` is unavailable (no ``fcntl``,
     a file system without locks), a torch ``lock`` older than ``wait_s`` counts as stale."""
 
     def __init__(self, where: Path, wait_s: float):
@@ -240,17 +241,24 @@ class _BuildLock:
         if not lock.exists():
             return
         if self.held:
-            told = False
-            while orphans := _processes_in(self.where):
-                if not told:
+            # ninja runs each compile in a process group of its own, so even a job kill often leaves the compiler
+            # running here; its work is lost anyway (ninja died before recording it), so stop it, and start clean
+            stopped = [pid for pid in _processes_in(self.where) if _kill(pid)]
+            told, grace = False, time.monotonic() + 5  # the stopped ones take a moment to go
+            while left := _processes_in(self.where):  # not ours to stop: wait for them
+                if not told and (set(left) - set(stopped) or time.monotonic() > grace):
                     print(f"spikeprune: waiting for the compiler left running by a killed build in {self.where} "
-                          f"(pid {orphans[0]})", file=sys.stderr, flush=True)
+                          f"(pid {left[0]})", file=sys.stderr, flush=True)
                     told = True
                 if time.monotonic() > self.deadline:
-                    raise TimeoutError(f"processes left by a killed build (pid {', '.join(map(str, orphans))}) are "
+                    raise TimeoutError(f"processes left by a killed build (pid {', '.join(map(str, left))}) are "
                                        f"still running in {self.where} after {self.wait_s:.0f} s")
                 time.sleep(0.5)
-            why = "its build was killed"
+            for pattern in ("*.o", f"*{_LIB_EXT}", ".ninja_log", ".ninja_deps"):
+                for half_done in self.where.glob(pattern):
+                    half_done.unlink(missing_ok=True)
+            why = "its build was killed" + (
+                f"; stopped the compiler it left running, pid {', '.join(map(str, stopped))}" if stopped else "")
         else:
             while lock.exists() and time.time() - _mtime(lock) < self.wait_s:
                 if time.monotonic() > self.deadline:
@@ -272,9 +280,20 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _kill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: waited for instead
+        return False
+
+
 def _processes_in(where: Path) -> list[int]:
-    """Processes (other than this one) whose working directory is ``where``: torch runs ninja, and ninja the
-    compiler, there; a build killed without its children leaves them running (Linux ``/proc``; else none)."""
+    """Build tools (ninja, a compiler, an assembler or linker; never a shell someone opened there) running in
+    ``where``, other than this process: torch runs ninja, and ninja the compiler, there, and a build killed
+    without its children leaves them running (Linux ``/proc``; elsewhere none are found)."""
     found = []
     try:
         entries = os.listdir("/proc")
@@ -285,10 +304,20 @@ def _processes_in(where: Path) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid():
             try:
                 if os.readlink(f"/proc/{entry}/cwd") == target:
-                    found.append(int(entry))
+                    with open(f"/proc/{entry}/comm") as f:
+                        if _is_build_tool(f.read().strip()):
+                            found.append(int(entry))
             except OSError:
                 pass
     return found
+
+
+_BUILD_TOOLS = ("ninja", "cc1plus", "cc1", "as", "ld", "collect2", "lto-wrapper", "ccache", "sccache", "cc", "c++")
+
+
+def _is_build_tool(comm: str) -> bool:  # ``comm``: the program's name, cut to 15 characters
+    return (comm in _BUILD_TOOLS or any(t in comm for t in ("g++", "gcc", "clang", "c++", "ld.", "icpx"))
+            or comm.startswith(("x86_64-linux-", "aarch64-linux-", "powerpc64le-")))
 
 
 def _cpu_flags() -> bytes:
