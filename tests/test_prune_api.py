@@ -518,3 +518,14 @@ def test_compile_chain_converts_a_plain_model_itself():
         torch.testing.assert_close(chain(x), want)
         ref = compile_chain(to_event_driven(model, example_input=x[:2]), [x[:3], x[3:]], rounds=1)
         torch.testing.assert_close(chain(x), ref(x))
+
+
+def test_a_unit_method_on_a_foreign_net_takes_its_example_from_data_or_says_what_to_pass():
+    pytest.importorskip("spikingjelly.activation_based")
+    net = sj_net(True)
+    opt = torch.optim.SGD(net.parameters(), 0.1)
+    with pytest.raises(LoopStateError, match=r"^sca needs example input to .*: pass example_input=x"):
+        spikeprune.prune(net, "sca", optimizer=opt, epochs=2)
+    data = [(torch.rand(T, B, 1, 8, 8), torch.randint(0, K, (B,))) for _ in range(2)]
+    pruner = spikeprune.prune(net, "sca", optimizer=opt, epochs=2, data=data)
+    assert pruner.engine.unit_masks() and pruner.state.steps_per_epoch == 2

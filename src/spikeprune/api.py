@@ -148,8 +148,8 @@ def prune(model: nn.Module, method: str | dict | Method = "dynsnn", example_inpu
         steps_per_epoch = len(data)
     if example_input is None and hasattr(model, "example_input"):
         example_input = model.example_input(2)
-    if example_input is None and data is not None:
-        example_input = next(iter(data))[0]
+    if example_input is None and data is not None and any(w == "example_input" for w, _ in meth.requirements()):
+        example_input = next(iter(data))[0]  # (only when needed: a shuffling loader draws from the global RNG)
     if example_input is not None:
         example_input = example_input.to(next(model.parameters()).device)
     from . import dist
