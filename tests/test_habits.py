@@ -155,3 +155,19 @@ def test_input_normalization_of_a_loader():
 
     norm = input_normalization(L())
     assert norm["mean"] == pytest.approx([0.2860]) and norm["std"] == pytest.approx([0.3530])
+
+
+def test_log_every_sets_the_progress_interval(tmp_path):
+    import contextlib
+
+    from spikeprune import Trainer, load_config
+
+    cfg = load_config(None, [
+        "name=le", f"out_dir={tmp_path}", "data.name=synthetic", "data.options={n: 64, in_shape: [1, 8, 8]}",
+        "data.batch_size=8", "model.name=fc3", "model.options={hidden: [16], image_size: 8}", "train.epochs=1",
+        "train.progress=true", "train.log_every=3", "train.device=cpu"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        Trainer(cfg, log=lambda *a, **k: None).fit()
+    steps = [line.split()[3] for line in err.getvalue().splitlines() if line.startswith("epoch 1/1 step ")]
+    assert steps == ["3/8", "6/8", "8/8"], err.getvalue()

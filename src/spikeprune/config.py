@@ -97,6 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     tensorboard: bool = False  # scalars + histograms (firing rates, densities) in RUN_DIR/tb; needs tensorboard
+    log_every: int = 0  # progress when stderr is not a terminal: a line every N steps (0: about 10 per epoch)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     sync_bn: bool = False  # under DDP: BatchNorm batch statistics over all ranks (docs/ddp.md)
     keep_freed_memory: bool = True  # CPU: glibc malloc reuses freed blocks instead of faulting in new pages (perf.py)

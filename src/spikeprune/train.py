@@ -410,7 +410,8 @@ class Trainer:
         acc = self._acc
         skip = self.step_in_epoch
         # a tqdm bar on a terminal, else a plain line every ~10% of the epoch (logs, nohup, CI)
-        bar = progress_bar(n_batches, skip, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and dist.is_main())
+        bar = progress_bar(n_batches, skip, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and dist.is_main(),
+                           every=getattr(cfg, "log_every", 0) or None)
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
