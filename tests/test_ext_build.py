@@ -43,8 +43,9 @@ def _checkout(root: Path) -> Path:
     return root
 
 
-def _run_timed(args: list[str], env: dict, cwd: Path, marker: str) -> dict:
-    """Run to the end; note when a line containing ``marker`` reached stderr (seconds from the start)."""
+def _run_timed(args: list[str], env: dict, cwd: Path, marker: str, on_marker=None) -> dict:
+    """Run to the end; note when a line containing ``marker`` reached stderr (seconds from the start), and then
+    call ``on_marker(pid)``."""
     start = time.monotonic()
     proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen, err = {}, []
@@ -54,6 +55,8 @@ def _run_timed(args: list[str], env: dict, cwd: Path, marker: str) -> dict:
             err.append(line)
             if marker in line and "at" not in seen:
                 seen["at"] = time.monotonic() - start
+                if on_marker is not None:
+                    on_marker(proc.pid)
 
     out = []
     readers = [threading.Thread(target=read_err, daemon=True),
@@ -81,7 +84,8 @@ def _kernels(out: str) -> str | None:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     """A build killed midway (SIGKILL to it and its compiler, once torch's lock exists), the build after it
-    (checkout 1), then ``python -m spikeprune._ext`` from checkout 2 of the same commit."""
+    (checkout 1) with another process arriving while it builds, then ``python -m spikeprune._ext`` from
+    checkout 2 of the same commit."""
     root = tmp_path_factory.mktemp("ext_build")
     ext_dir = root / "torch_extensions"
     co1, co2 = _checkout(root / "co1"), _checkout(root / "co2")
@@ -99,12 +103,21 @@ def builds(tmp_path_factory):
     victim.wait()
     locks = list(ext_dir.glob("spikeprune_cpu_*/lock"))
     assert locks, "the killed build left no lock (nothing to test)"
-    after_kill = _run_timed([sys.executable, "-c", LOAD], _env(ext_dir, co1), root, STALE)
+    arrived = {}
+
+    def arrive(builder_pid):  # while the build runs
+        arrived["builder"] = builder_pid
+        arrived["proc"] = subprocess.Popen([sys.executable, "-c", LOAD], env=_env(ext_dir, co2), cwd=root,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    after_kill = _run_timed([sys.executable, "-c", LOAD], _env(ext_dir, co1), root, STALE, arrive)
+    out, err = arrived["proc"].communicate(timeout=BUILD_TIMEOUT_S)
+    during = {"rc": arrived["proc"].returncode, "out": out, "err": err, "builder": arrived["builder"]}
     other = _run_timed([sys.executable, "-m", "spikeprune._ext"], _env(ext_dir, co2), root, "ready")
     print(f"\nbuild after the killed one: stale lock reported at {after_kill['marker_at']} s, done in "
           f"{after_kill['wall']:.1f} s; second checkout: {other['wall']:.1f} s")
-    return {"lock": locks[0], "after_kill": after_kill, "other": other, "co1": co1, "co2": co2,
-            "ext_dir": ext_dir}
+    return {"lock": locks[0], "after_kill": after_kill, "during": during, "other": other, "co1": co1,
+            "co2": co2, "ext_dir": ext_dir}
 
 
 @pytest.mark.slow
@@ -128,6 +141,18 @@ def test_b_a_second_checkout_loads_the_kernels_built_by_the_first(builds):
     library = _kernels(first["out"])
     assert f"spikeprune: compiled CPU kernels ready ({library})" in r["err"]
     assert r["wall"] < 30 and r["wall"] < first["wall"] / 2, (r["wall"], first["wall"])
+
+
+@pytest.mark.slow
+def test_a_process_arriving_during_the_build_waits_for_it_and_uses_its_kernels(builds):
+    r, builder = builds["during"], builds["after_kill"]
+    assert r["rc"] == 0, r["err"]
+    where = Path(_kernels(builder["out"])).parent
+    waiting = [line for line in r["err"].splitlines() if "waiting for another process" in line]
+    assert waiting == [f"spikeprune: waiting for another process building the kernels in {where} "
+                       f"(pid {r['builder']}; up to 900 s, SPIKEPRUNE_CPP_WAIT)"], r["err"]
+    assert BUILDING not in r["err"] and STALE not in r["err"] and "Warning" not in r["err"], r["err"]
+    assert _kernels(r["out"]) == _kernels(builder["out"])
 
 
 def test_waiting_for_a_live_builder_says_so_and_gives_up_to_eager(tmp_path, monkeypatch):
