@@ -39,8 +39,8 @@ from .callbacks import Callback
 from .config import RunConfig, jsonable, to_dict
 from .measure import Measurement, measure
 from .perf import keep_versions
-from .sparsity.loop import LoopState, loop_field
 from .progress import progress_bar
+from .sparsity.loop import LoopState, loop_field
 
 
 class TrainingError(RuntimeError):
@@ -111,7 +111,9 @@ def make_scheduler(opt, cfg):
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -120,7 +122,9 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     # RNG states must be CPU byte tensors; a checkpoint loaded with map_location="cuda" holds them on the GPU
     torch.set_rng_state(st["torch"].cpu())
-    np.random.set_state(st["numpy"])
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    keys = keys.cpu().numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
@@ -151,11 +155,13 @@ class Trainer:
         seed_everything(cfg.seed)
         if loaders is None:
             from .data import build_loaders
+            from .data.augment import make_augment
 
             d = cfg.data
             loaders = build_loaders(d.name, root=d.root, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                                     val_split=d.val_split, seed=cfg.seed, download=d.download, subset=d.subset,
-                                    rank=dist.rank(), world_size=dist.world_size(), **d.options)
+                                    rank=dist.rank(), world_size=dist.world_size(),
+                                    augment=make_augment(d.augment, cfg.seed), **d.options)
         self.train_loader, self.val_loader, self.test_loader, self.info = loaders
         if model is None:
             from .models import create_model
@@ -217,6 +223,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ helpers
     def _example_input(self) -> torch.Tensor:
+        for name, loader in (("training", self.train_loader), ("test", self.test_loader)):
+            if loader is None or len(loader.dataset) == 0 or len(loader) == 0:
+                raise TrainingError(f"the {name} set of {self.cfg.data.name!r} has no samples "
+                                    f"(data.subset, data.val_split or the files under data.root)")
         x, _ = next(iter(self.test_loader))
         return x[:2].to(self.device)
 
@@ -344,12 +354,22 @@ class Trainer:
                                               torch.tensor(float(a["seen"]), device=self.device).double()]))
                 t = t / dist.world_size()
                 self._ckpt_acc = {"loss": t[0].float(), "correct": t[1], "seen": float(t[2])}
+        err = None
         if dist.is_main():
             try:
                 ckpt.save_rotating(self.state(), self.run_dir, self.global_step, self.cfg.train.keep_checkpoints)
-            except OSError as e:  # e.g. disk full: keep the previous checkpoint and say so
-                self.log(f"warning: could not write a checkpoint ({e.strerror}); the previous one is kept")
-        dist.barrier()  # the other ranks go on (or exit) once the checkpoint is on disk
+            except OSError as e:  # e.g. disk full: stop now, while the newest good checkpoint is recent
+                err = f"cannot write a checkpoint in {self.run_dir} ({e.strerror or e}) {self._where()}; "
+        self._agree(err, lambda msg: TrainingError(msg + f"{self._last_good()}; free space and continue with "
+                                                   "--resume"))
+
+    def _agree(self, err: str | None, make=None) -> None:
+        """Raise on every rank when any rank (under DDP: rank 0) saw ``err``; also waits for rank 0."""
+        if dist.is_dist():
+            errs = [e for e in dist.all_gather_object(err) if e]
+            err = errs[0] if errs else None
+        if err is not None:
+            raise (make or TrainingError)(err)
 
     def resume(self) -> bool:
         """Load the newest good checkpoint of this run, if any. Returns True if resumed. Under DDP rank 0 picks
@@ -364,10 +384,18 @@ class Trainer:
             if found is None:
                 return False
             st, path = found
-        saved, now = json.loads(json.dumps(st.get("config") or {})), json.loads(json.dumps(to_dict(self.cfg)))
-        changed = [k for k in ("seed", "model", "method") if k in saved and saved[k] != now[k]]
-        if changed:
-            self.log(f"warning: {path} was saved with a different {', '.join(changed)} than this run's config")
+        from .runs import config_diff, normalised
+
+        if st.get("config"):
+            try:
+                saved = normalised(st["config"])
+            except ValueError:  # a config this version cannot read: compare what can be compared
+                saved = json.loads(json.dumps(st["config"], default=str))
+            changed = config_diff(saved, json.loads(json.dumps(to_dict(self.cfg), default=str)))
+            if changed:
+                raise TrainingError(f"cannot resume {self.run_dir} with changed settings: {'; '.join(changed[:8])}"
+                                    f"{' ...' if len(changed) > 8 else ''}. Resume with the run's own settings, or "
+                                    "start a new run (another name, or --overwrite)")
         self.load_state(st)
         self.check_masks("loading the checkpoint")
         self.log(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of it)")
@@ -493,17 +521,25 @@ class Trainer:
         self.model.train()
         return float(stats[0] / stats[1].clamp_min(1))
 
-    def fit(self, resume: bool = False) -> Measurement:
-        """Train all epochs (continuing a checkpoint when ``resume``), then measure on the test set."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> Measurement:
+        """Train all epochs (continuing a checkpoint when ``resume``), then measure on the test set.
+
+        The run directory is checked first (:mod:`spikeprune.runs`): a fresh run into a directory holding a run
+        needs ``overwrite``; ``resume`` without a checkpoint is an error, and on a finished run it rewrites nothing
+        (it measures the finished model); a read-only or full directory is refused before any training."""
         cfg = self.cfg.train
+        if self._claim_run_dir(resume, overwrite):
+            return self._finished_measurement()
         resumed = self.resume() if resume else False
         if dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:  # the metrics files may hold epochs done after the checkpoint: rewrite them
-                self._write_metrics(rewrite=True)
-            else:
-                self._clear_previous_run()
-            ckpt.atomic_write(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2).encode())
+            try:
+                if resumed:  # the metrics files may hold epochs done after the checkpoint: rewrite them
+                    self._write_metrics(rewrite=True)
+                else:
+                    self._clear_previous_run()
+                ckpt.atomic_write(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2).encode())
+            except OSError as e:
+                raise TrainingError(f"cannot write the run files in {self.run_dir}: {e.strerror or e}") from None
         if dist.is_dist():
             bs = self.cfg.data.batch_size
             self.log(f"DDP: {dist.world_size()} processes ({dist.backend()}), batch {bs} per process = "
@@ -571,38 +607,84 @@ class Trainer:
         self.log(f"interrupted: state saved in {self.run_dir} ({self._where()}); continue with --resume")
         raise KeyboardInterrupt
 
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Check that this run may use its directory (see :meth:`fit`); True when ``resume`` finds the run finished.
+        Every rank reads the (shared) directory; rank 0 alone probes that it can write there."""
+        from .runs import RunError, check_writable, is_finished, run_files
+
+        rd, err = self.run_dir, None
+        files = run_files(rd)
+        finished = resume and is_finished(rd)
+        if finished:
+            self._check_finished_config()
+        elif resume and not ckpt.list_checkpoints(rd):
+            err = (f"nothing to resume in {rd}: it holds no checkpoint"
+                   + (" (the run stopped before its first one); start it again with --overwrite" if files
+                      else "; drop --resume to start the run"))
+        elif not resume and files and not overwrite:
+            names = ", ".join(sorted({p.name if not p.name.startswith("ckpt-") else "ckpt-*.pt" for p in files}))
+            err = (f"{rd} already holds a run ({names}); continue it with --resume, or start afresh with "
+                   "--overwrite (deletes those files)")
+        if err is None and not finished and dist.is_main():
+            try:
+                check_writable(rd)
+            except RunError as e:
+                err = str(e)
+        self._agree(err, RunError)
+        return finished
+
+    def _check_finished_config(self) -> None:
+        from .runs import RunError, config_diff, normalised, read_config
+
+        old = normalised(to_dict(read_config(self.run_dir)))
+        changed = config_diff(old, json.loads(json.dumps(to_dict(self.cfg), default=str)))
+        if changed:
+            raise RunError(f"{self.run_dir} is a finished run with other settings ({'; '.join(changed[:8])}); "
+                           "a finished run is not rewritten: train under another name, or use --overwrite")
+
+    def _finished_measurement(self) -> Measurement:
+        """``resume`` on a finished run: measure its saved model, write nothing."""
+        self.log(f"{self.run_dir} is finished (results.json): nothing to resume, nothing rewritten")
+        self.model.load_state_dict(ckpt.load_model(self.run_dir / "model.pt", map_location=self.device,
+                                                   warn=self.log))
+        return self.final_measurement(write=False)
+
     def _clear_previous_run(self) -> None:
-        """A fresh run in a used run directory: old checkpoints would outrank the new ones in rotation and resume,
-        and old metrics/results would mix with the new run's, so they are removed."""
-        old = ckpt.list_checkpoints(self.run_dir)
-        files = [self.run_dir / f for f in ("metrics.jsonl", "metrics.csv", "results.json", "model.pt")]
-        files = [f for f in files if f.exists()]
-        if old or files:
-            self.log(f"note: starting a fresh run in {self.run_dir}: removing {len(old)} checkpoint(s) and the "
-                     "previous metrics/results (use --resume to continue a run instead)")
-        for f in [*old, *files]:
+        """A fresh run with ``overwrite`` in a used run directory: old checkpoints would outrank the new ones in
+        rotation and resume, and old metrics/results would mix with the new run's, so the run's own files (and no
+        others) are removed."""
+        from .runs import run_files
+
+        files = run_files(self.run_dir)
+        if files:
+            self.log(f"note: --overwrite: removing the previous run's {len(files)} file(s) in {self.run_dir}")
+        for f in files:
             f.unlink(missing_ok=True)
 
-    def final_measurement(self) -> Measurement:
+    def final_measurement(self, write: bool = True) -> Measurement:
         """Measure on the test set. Under DDP every rank measures the same model and rank 0 writes
-        ``results.json`` and ``model.pt``; the others wait until both are on disk."""
+        ``results.json`` and ``model.pt`` (+ its ``.sha256``), each atomically; the others wait until both are on
+        disk."""
         m = self.cfg.measure
         engine = getattr(self.method, "engine", None)
         prunable = list(engine.layers) if engine is not None and engine.layers else None
         result = measure(self.model, self.test_loader, self.device, m.max_batches, m.pj_per_ac, m.pj_per_mac,
                          prunable=prunable, unit_rates=True)
-        if dist.is_main():
+        err = None
+        if write and dist.is_main():
             out = {"name": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.data.name,
                    "T": self.cfg.model.T, "method": (self.cfg.method or {}).get("name", "dense"),
                    "epochs": self.epoch, "train_time_s": sum(h.get("epoch_time_s", 0) for h in self.history),
                    **result.to_dict()}
             if self.method is not None and hasattr(self.method, "summary"):
                 out["method_summary"] = self.method.summary()
-            buf = io.BytesIO()
-            torch.save(self.model.state_dict(), buf)
-            ckpt.atomic_write(self.run_dir / "model.pt", buf.getvalue())
-            ckpt.atomic_write(self.run_dir / "results.json", json.dumps(jsonable(out), indent=2).encode())
-        dist.barrier()
+            try:
+                ckpt.save_model(self.model.state_dict(), self.run_dir / "model.pt")
+                ckpt.atomic_write(self.run_dir / "results.json", json.dumps(jsonable(out), indent=2).encode())
+            except OSError as e:
+                err = (f"cannot write the final model and results in {self.run_dir} ({e.strerror or e}); "
+                       f"{self._last_good()}: free space and run again with --resume")
+        self._agree(err)
         return result
 
     def _log_epoch(self, metrics: dict) -> None:
@@ -620,19 +702,22 @@ class Trainer:
         self._write_metrics()
 
     def _write_metrics(self, rewrite: bool = False) -> None:
-        """Append the newest epoch to ``metrics.jsonl`` (``rewrite``: write all of ``history``) and rewrite
-        ``metrics.csv`` from ``history``."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        rows = self.history if rewrite else self.history[-1:]
-        with open(self.run_dir / "metrics.jsonl", "w" if rewrite else "a") as f:
-            f.writelines(json.dumps(jsonable(h)) + "\n" for h in rows)
+        """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``history``, each atomically (a crash or a full disk
+        leaves the previous complete files). ``rewrite`` is kept for callers: both files are always whole."""
         keys: list[str] = []
         for h in self.history:
             keys += [k for k in h if k not in keys and not isinstance(h[k], (list, dict))]
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.history)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.history)
+        try:
+            ckpt.atomic_write(self.run_dir / "metrics.jsonl",
+                              "".join(json.dumps(jsonable(h)) + "\n" for h in self.history).encode())
+            ckpt.atomic_write(self.run_dir / "metrics.csv", buf.getvalue().encode())
+        except OSError as e:
+            raise TrainingError(f"cannot write the metrics in {self.run_dir} ({e.strerror or e}) {self._where()}; "
+                                f"{self._last_good()}: free space and continue with --resume") from None
 
 
 def summary_table(rows: list[dict], baseline: dict | None = None) -> str:

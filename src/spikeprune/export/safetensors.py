@@ -86,7 +86,13 @@ def save_run_safetensors(run_dir: str | Path, out: str | Path | None = None, ext
     rd = Path(run_dir)
     if not (rd / "model.pt").is_file():
         raise FileNotFoundError(f"{rd} is not a finished run (needs model.pt)")
-    state = torch.load(rd / "model.pt", map_location="cpu", weights_only=True)
+    from ..checkpoint import load_model
+
+    state = load_model(rd / "model.pt")  # checksum verified, tensors only
+    if (rd / "config.json").is_file():  # the weights must fit the run's network, or the export is of nothing
+        from ..runs import run_model
+
+        run_model(rd, warn=lambda *_: None)
     config = json.loads((rd / "config.json").read_text()) if (rd / "config.json").is_file() else {}
     metrics = {}
     if (rd / "results.json").is_file():
