@@ -1,4 +1,4 @@
-"""Masked Linear layers that compute over their kept weights only (``perf.masked_linear``, ``masked_matmul``)."""
+"""Masked Linear layers that compute over their kept weights only (``kernels.masked_linear``, ``masked_matmul``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spikeprune._ext import cpu_kernels
+from spikeprune.kernels import MASKED_MIN_ROWS, masked_index, masked_linear
 from spikeprune.layers import Linear
-from spikeprune.perf import MASKED_MIN_ROWS, masked_index, masked_linear
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="compiled CPU kernels unavailable")
 

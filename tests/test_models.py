@@ -152,8 +152,8 @@ def test_linear_on_sparse_input_equals_dense(backend, dtype, kind, n_out, shape)
 
 def test_linear_sparse_path_is_taken_only_below_the_density_limit():
     from spikeprune._ext import cpu_kernels
+    from spikeprune.kernels import sparse_input_linear
     from spikeprune.layers import Linear
-    from spikeprune.perf import sparse_input_linear
 
     if cpu_kernels() is None:
         pytest.skip("compiled CPU kernels unavailable")

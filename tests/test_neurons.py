@@ -510,12 +510,13 @@ def test_any_memory_layout_gives_the_same_result(layout):
     assert torch.equal(res[0][0], res[1][0]) and torch.allclose(res[0][1], res[1][1], atol=1e-7)
 
 
-def test_failed_kernel_build_falls_back_to_eager_with_a_warning(monkeypatch):
+def test_failed_kernel_build_falls_back_to_eager_with_a_warning(monkeypatch, tmp_path):
     # no compiler (here: a build that raises) must cost speed, not correctness: one warning, then eager loops
     from torch.utils import cpp_extension
 
     from spikeprune import _ext
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no finished build to import instead
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 

@@ -307,7 +307,7 @@ def test_statistics_loaded_from_cpu_keep_working_on_gpu():
 @pytest.mark.parametrize("op", ["sum", "abs", "dot"])
 def test_unit_sums_equal_the_plain_reductions(layout, op):
     # the per-unit reductions of the activity monitors and the gate-gradient hook, compiled or eager
-    from spikeprune.perf import unit_sums
+    from spikeprune.kernels import unit_sums
 
     torch.manual_seed(0)
     shape = (3, 4, 5) if layout == "flat" else (3, 4, 5, 6, 7)

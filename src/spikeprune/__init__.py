@@ -3,6 +3,7 @@
 >>> from spikeprune import create_model, load_config, Trainer, measure
 """
 
+from ._version import __version__
 from .api import Pruner, prune
 from .compact import compact
 from .config import load_config
@@ -12,8 +13,6 @@ from .models import create_model, list_models
 from .sparsity import MaskEngine, create_method, list_methods
 from .sparsity.pruned import load_pruned
 from .train import Trainer
-
-__version__ = "0.1.0"
 
 __all__ = ["create_model", "list_models", "create_dataset", "build_loaders", "list_datasets", "MaskEngine",
            "create_method", "list_methods", "measure", "compact", "load_config", "Trainer", "prune", "Pruner",

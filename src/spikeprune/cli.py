@@ -62,17 +62,10 @@ def _positive_int(text: str) -> int:
 
 
 def _version() -> str:
-    """The installed version, read without importing the package (and torch)."""
-    try:
-        from importlib.metadata import version
+    """The package's version (``_version`` imports nothing, so ``--version`` does not wait for torch)."""
+    from ._version import __version__
 
-        return version("spikeprune")
-    except Exception:  # noqa: BLE001 -- not installed: the source tree's
-        import re
-
-        text = (Path(__file__).parent / "__init__.py").read_text()
-        m = re.search(r'__version__ = "([^"]+)"', text)
-        return m.group(1) if m else "unknown"
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

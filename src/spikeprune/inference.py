@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
-from ._ext import kernels_for
 from .graph import probe
+from .kernels import kernels_for
 from .neurons import BaseNeuron, _coeffs, unit_gate
 
 __all__ = ["EventLinear", "EventConv2d", "EventChain", "to_event_driven", "event_layers", "event_report",

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .perf import MASKED_MAX_DENSITY, SPARSE_MAX_DENSITY, masked_index, masked_linear, pack_weight, sparse_input_linear
+from .kernels import (
+    MASKED_MAX_DENSITY,
+    SPARSE_MAX_DENSITY,
+    masked_index,
+    masked_linear,
+    pack_weight,
+    sparse_input_linear,
+)
 
 __all__ = [
     "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
@@ -66,11 +73,11 @@ class Linear(WeightCached, nn.Linear):
     """``nn.Linear`` on any leading dimensions. On CPU:
 
     * a mostly-zero input (spikes: at most ``max_input_density`` non-zero) runs
-      :func:`spikeprune.perf.sparse_input_linear`, whose forward and weight gradient only touch the inputs that
+      :func:`spikeprune.kernels.sparse_input_linear`, whose forward and weight gradient only touch the inputs that
       spiked;
     * a weight masked by a bool ``weight_mask`` buffer (the mask engine's) that keeps at most
       ``max_weight_density`` of its entries computes only with those, in the forward of a dense input
-      (:func:`spikeprune.perf.masked_linear`) and in the input gradient: the masked weights are 0.0 anyway.
+      (:func:`spikeprune.kernels.masked_linear`) and in the input gradient: the masked weights are 0.0 anyway.
 
     Same values and gradients as the dense layer up to float summation order."""
 
@@ -92,7 +99,7 @@ class Linear(WeightCached, nn.Linear):
         return super().forward(x)
 
     def _weight_index(self) -> tuple | None:
-        """The kept entries of ``weight_mask`` (:func:`spikeprune.perf.masked_index`) when it keeps at most
+        """The kept entries of ``weight_mask`` (:func:`spikeprune.kernels.masked_index`) when it keeps at most
         ``max_weight_density``, else ``None``. Built on the second call that sees the same mask: a mask rewired at
         every step (Deep R, Grad R) never pays for an index it would use once."""
         mask = self._buffers.get("weight_mask")

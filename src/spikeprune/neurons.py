@@ -36,8 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._ext import kernels_for, t_major_dense
-from .perf import unit_sums
+from .kernels import kernels_for, t_major_dense, unit_sums
 
 __all__ = [
     "Surrogate", "ATan", "Sigmoid", "Triangle", "SURROGATES", "make_surrogate",

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .schema import check_name  # noqa: F401  (a run name: one plain path component)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "results.json", "model.pt", "model.pt.sha256")
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]*")
 
 # settings that cannot change what a run computes: they may differ on --resume (the new values are recorded)
 RESUMABLE = ("out_dir", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
@@ -38,14 +37,6 @@ COSMETIC = tuple(k for k in RESUMABLE if k not in ("measure", "train.device"))
 
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked (holds another run, read-only, nothing to resume ...)."""
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is one plain path component, else a ``ValueError`` saying what is allowed."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", "..") or len(name) > 200:
-        raise ValueError(f"must be one plain name (letters, digits and _ . + = , @ -, not starting with . or -, "
-                         f"at most 200 characters), got {name!r}")
-    return name
 
 
 def run_files(run_dir: str | Path) -> list[Path]:
@@ -185,24 +176,12 @@ def load_run(run_dir: str | Path, data_root: str | None = None):
     return cfg, run_model(run_dir, cfg), test
 
 
-def load_masked_state(model, state: dict):
-    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks).
-    Returns the :class:`MaskEngine` holding them (``None`` for a dense state)."""
-    from .sparsity.masks import MaskEngine
+def load_masked_state(model, state: dict, example_input=None):
+    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks,
+    :func:`spikeprune.load_pruned`). Returns the :class:`MaskEngine` holding them (``None`` for a dense state)."""
+    from .sparsity.pruned import load_into
 
-    modules = dict(model.named_modules())
-    weight_masked = [k[: -len(".weight_mask")] for k in state if k.endswith(".weight_mask")]
-    unit_masked = [k[: -len(".unit_mask")] for k in state if k.endswith(".unit_mask")]
-    engine = None
-    if weight_masked or unit_masked:
-        all_syn = [n for n, mm in modules.items() if hasattr(mm, "weight") and n in weight_masked]
-        ignored = [n for n, mm in modules.items() if mm.__class__.__name__ in ("Conv2d", "Linear")
-                   and n not in all_syn]
-        engine = MaskEngine(model, ignored_layers=ignored)
-        if unit_masked:
-            engine.enable_units(unit_masked)
-    model.load_state_dict(state)
-    return engine
+    return load_into(model, state, example_input)
 
 
 def provenance() -> str:

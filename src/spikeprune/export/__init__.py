@@ -32,7 +32,7 @@ def input_normalization(loader) -> dict | None:
 def _run_normalization(rd: Path, data_root: str | None) -> dict | None:
     """The normalisation of a run's dataset (loaded as the run was trained), or None if the data is not here."""
     try:
-        from ..cli import _load_run
+        from ..runs import load_run as _load_run
 
         _, _, test = _load_run(str(rd), data_root)
     except Exception:  # noqa: BLE001 -- the export itself does not need the data
@@ -61,7 +61,7 @@ def export_run(run_dir: str | Path, fmt: str = "nir", out: str | Path | None = N
         norm = _run_normalization(rd, data_root)
         path = save_run_safetensors(rd, out, extra={"input_normalization": norm})
         return path, json.loads(path.with_suffix(".json").read_text())
-    from ..cli import _load_run
+    from ..runs import load_run as _load_run
 
     cfg, model, test = _load_run(str(rd), data_root)
     x = next(iter(test))[0][:2]

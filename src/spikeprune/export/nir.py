@@ -448,7 +448,7 @@ def to_nir(model: nn.Module, example_input: torch.Tensor | None = None, *, dt: f
     nodes["output"] = nir.Output(output_type={"output": np.array(feat)})
     order.append("output")
     edges = list(zip(order[:-1], order[1:]))
-    from .. import __version__
+    from .._version import __version__
 
     meta = {"producer": f"spikeprune {__version__}", "target": target, "dt": float(dt),
             "readout": "mean of the output over T steps"}

@@ -4,7 +4,7 @@
 are ``bool`` tensors ``*.weight_mask`` / ``*.unit_mask``) to ``m.safetensors`` and ``m.json`` holding
 ``{"format": "spikeprune-safetensors", "config": ..., "metrics": ..., "masks": [...]}`` (the same JSON is in the
 safetensors header under ``"spikeprune"``). :func:`load_safetensors` reads both back and, given a model of the right
-architecture, re-creates the mask buffers and hooks (:func:`spikeprune.cli.load_masked_state`) before loading.
+architecture, re-creates the mask buffers and hooks (:func:`spikeprune.load_pruned`) before loading.
 Unlike ``torch.load`` nothing is unpickled, so files from others are safe to open.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import jsonable
+from ..schema import jsonable
 
 __all__ = ["save_safetensors", "load_safetensors", "save_run_safetensors"]
 

@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from .. import dist
-from .._ext import kernels_for, t_major_dense
 from ..adapters import neuron_spikes, with_spikes
 from ..graph import SYNAPTIC, UnitGroup, analyze, unit_index
+from ..kernels import kernels_for, t_major_dense, unit_sums
 from ..neurons import BaseNeuron, is_neuron, set_unit_gate
-from ..perf import keep_versions, unit_sums
+from ..perf import keep_versions
 from .hooks import MethodHook, StaticUnitMask
 
 DenseGradHook = Callable[[str, nn.Module, torch.Tensor], None]

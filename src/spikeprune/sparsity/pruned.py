@@ -55,12 +55,18 @@ def load_pruned(model: nn.Module, source: dict | str | Path, example_input: torc
     ``example_input`` (one small batch, as the model takes it) unless the model makes its own
     (``model.example_input``). Train on from here with :func:`spikeprune.prune` (it keeps the loaded masks), or
     deploy as is: masked weights are 0.0 and dead units silent."""
-    state = read_state(source, map_location)
+    load_into(model, read_state(source, map_location), example_input, strict)
+    return model
+
+
+def load_into(model: nn.Module, state: dict, example_input: torch.Tensor | None = None,
+              strict: bool = True) -> MaskEngine | None:
+    """:func:`load_pruned` of a state dict; returns the :class:`MaskEngine` holding the masks (``None``: dense)."""
     weight_masked = [k[: -len(".weight_mask")] for k in state if k.endswith(".weight_mask")]
     unit_masked = [k[: -len(".unit_mask")] for k in state if k.endswith(".unit_mask")]
     if not weight_masked and not unit_masked:
         model.load_state_dict(state, strict=strict)
-        return model
+        return None
     modules = dict(model.named_modules())
     missing = [n for n in [*weight_masked, *unit_masked] if n not in modules]
     if missing:
@@ -79,4 +85,4 @@ def load_pruned(model: nn.Module, source: dict | str | Path, example_input: torc
     if unit_masked:
         engine.enable_units(unit_masked)
     model.load_state_dict(state, strict=strict)
-    return model
+    return engine

@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import dist
 from ..adapters import neuron_membrane, neuron_spikes, unit_axis
+from ..kernels import unit_sums
 from ..neurons import BaseNeuron
-from ..perf import unit_sums
 from ..registry import Registry
 from .hooks import MethodHook
 

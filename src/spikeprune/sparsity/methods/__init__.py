@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from ...config import ConfigError, from_dict
 from ...registry import Registry
+from ...schema import ConfigError, from_dict
 from ._base import Method, MethodConfig
 
 METHODS = Registry("method")
 register_method = METHODS.register
 
 _MODULES = ["dynsnn", "pq_rewire", "sca", "magnitude", "lth", "set", "rigl", "deep_r", "grad_r", "stds", "admm",
-            "eslsnn", "upr"]
+            "eslsnn", "upr", "lamp"]
 
 
 def _load_all() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...callbacks import Callback
-from ...config import ConfigError
+from ...schema import ConfigError
 from ..loop import LoopState
 from ..masks import MaskEngine
 
