@@ -12,6 +12,13 @@ target along a cubic ramp (as in gradual magnitude pruning) so the network is no
 ``freeze_epoch`` for fine-tuning. Conv layers are masked per channel. Compression = removed weights (a masked
 unit loses its fan-in row and fan-out column), measured from the effective weights.
 
+``kappa_rule: solved`` (with ``target_compression``) replaces the κ controller by a search: at every update κ is
+set, by bisection over the same ``θ_ℓ = κ · mean`` rule, to the smallest value whose masks reach the current target
+(the ramp's value). The run then lands on the target when the ramp ends (within one unit's weights) instead of
+wherever the controller has got to by ``freeze_epoch``, and a cubic ramp reaches any target within the budget.
+The threshold rule and the revival of units are unchanged; only how κ follows the target differs [R]. ``learned``
+(default) is the controller above, the ablation "with and without the learned threshold" compares the two.
+
 Left open by the paper and chosen here [R]: the EMA (β=0.9), the κ·mean threshold rule, the update period, the
 κ controller and its ramp, the reference set of the mean, per-channel masks in conv layers, and no co-activity
 term.
@@ -45,6 +52,7 @@ class DynSNNConfig(MethodConfig):
     warmup_epochs: int = 1
     freeze_epoch: int | None = None  # masks stop changing from this epoch (0-based) on
     min_alive: float = 0.02  # never mask more than 1 - min_alive of a layer
+    kappa_rule: Literal["learned", "solved"] = "learned"  # κ by the controller, or solved for the target each update
 
     def validate(self, key: str) -> None:
         self.check(0 <= self.beta < 1, f"{key}.beta", f"must be in [0, 1), got {self.beta}")
@@ -59,6 +67,8 @@ class DynSNNConfig(MethodConfig):
                    f"must be >= 0 or null, got {self.freeze_epoch}")
         self.check(self.warmup_epochs >= 0, f"{key}.warmup_epochs", "must be >= 0")
         self.check(0 <= self.min_alive <= 1, f"{key}.min_alive", "must be in [0, 1]")
+        self.check(self.kappa_rule == "learned" or self.target_compression is not None, f"{key}.kappa_rule",
+                   "solved needs a target_compression")
 
 
 @register_method("dynsnn")
@@ -91,25 +101,60 @@ class DynSNN(Method):
     def update(self) -> None:
         """Recompute every layer's threshold and unit mask from the activity EMAs (revival allowed)."""
         acts = self.monitor.values()
+        inputs = {}
         for n in self.neurons:
             if n not in acts:
                 continue
             alive = self.engine.unit_mask(n)
             a = acts[n].to(alive.device)  # (a resumed monitor holds CPU tensors)
-            ref = a[alive] if (self.cfg.reference == "alive" and alive.any()) else a
+            inputs[n] = (a, a[alive] if (self.cfg.reference == "alive" and alive.any()) else a)
+        if self.cfg.kappa_rule == "solved" and inputs:
+            self.kappa = self._solve_kappa(inputs, self.current_target())
+        self._apply(inputs, self.kappa)
+        self.compression = 1 - self.engine.density()
+        if self.cfg.target_compression is not None and self.cfg.kappa_rule == "learned":
+            self.kappa *= math.exp(self.cfg.kappa_lr * (self.current_target() - self.compression))
+
+    def _apply(self, inputs: dict, kappa: float) -> None:
+        for n, (a, ref) in inputs.items():
             if self.cfg.threshold == "mean":
-                theta = self.kappa * ref.mean()
+                theta = kappa * ref.mean()
             else:
-                theta = torch.quantile(ref.float(), min(0.999, self.cfg.percentile / 100 * self.kappa / self.cfg.kappa))
+                theta = torch.quantile(ref.float(), min(0.999, self.cfg.percentile / 100 * kappa / self.cfg.kappa))
             mask = a >= theta
             floor = max(1, math.ceil(self.cfg.min_alive * a.numel()))
             if int(mask.sum()) < floor:
                 mask = torch.zeros_like(mask)
                 mask[torch.topk(a, floor).indices] = True
             self.engine.set_unit_mask(n, mask)
-        self.compression = 1 - self.engine.density()
-        if self.cfg.target_compression is not None:
-            self.kappa *= math.exp(self.cfg.kappa_lr * (self.current_target() - self.compression))
+
+    def _solve_kappa(self, inputs: dict, target: float, steps: int = 40) -> float:
+        """The smallest κ (bisection) whose masks remove at least ``target`` of the weights; the masks grow
+        monotonically with κ because the reference means are fixed during the search."""
+        def compression(k: float) -> float:
+            self._apply(inputs, k)
+            return 1 - self.engine.density()
+
+        lo = 0.0
+        if compression(lo) >= target:
+            return lo
+        hi = max(self.kappa, 1e-6)
+        for _ in range(60):  # grow until the target (or the min_alive floor) is reached
+            if compression(hi) >= target:
+                break
+            if self.cfg.threshold == "percentile" and self.cfg.percentile / 100 * hi / self.cfg.kappa >= 0.999:
+                break
+            if self.cfg.threshold == "mean" and all(
+                    hi * float(ref.mean()) > float(a.max()) for a, ref in inputs.values()):
+                break  # every layer at its floor already
+            lo, hi = hi, 2 * hi
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if compression(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
     def current_target(self) -> float:
         """The compression κ is steered to now: the final target, reached by a cubic ramp (Zhu & Gupta)."""
