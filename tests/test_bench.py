@@ -98,11 +98,14 @@ def test_bench_maps_targets_and_overrides(tmp_path):
                     {"name": "sca", "method": {"name": "sca"}, "target": "method.keep", "offset": -0.05,
                      "set": ["train.epochs=5"]}]})
     grid = B.cells(bench, tmp_path, overrides=["train.lr=0.5"])
-    assert [c.name for c in grid] == ["dyn_d25_s1", "dyn_d25_s2", "sca_d25_s1", "sca_d25_s2"]
-    assert grid[0].cfg.method["target_compression"] == 0.75 and grid[2].cfg.method["keep"] == 0.2
-    assert [c.cfg.seed for c in grid] == [1, 2, 1, 2] and {c.cfg.train.lr for c in grid} == {0.5}
-    assert [c.cfg.train.epochs for c in grid] == [3, 3, 5, 5]
+    # seed by seed (the default order): every method's seed 1, then seed 2
+    assert [c.name for c in grid] == ["dyn_d25_s1", "sca_d25_s1", "dyn_d25_s2", "sca_d25_s2"]
+    assert grid[0].cfg.method["target_compression"] == 0.75 and grid[1].cfg.method["keep"] == 0.2
+    assert [c.cfg.seed for c in grid] == [1, 1, 2, 2] and {c.cfg.train.lr for c in grid} == {0.5}
+    assert [c.cfg.train.epochs for c in grid] == [3, 5, 3, 5]
     assert grid[0].run_dir == tmp_path / "runs" / "dyn_d25_s1"
+    bench.order = "method"
+    assert [c.name for c in B.cells(bench, tmp_path)] == ["dyn_d25_s1", "dyn_d25_s2", "sca_d25_s1", "sca_d25_s2"]
 
 
 def test_bench_recipes_found_and_documented():
@@ -115,7 +118,8 @@ def test_bench_recipes_found_and_documented():
     bench, root = B.load_bench(ROOT / "configs" / "bench" / "fmnist_fc3.yaml")
     used = {(c.cfg.method or {}).get("name", "dense") for c in B.cells(bench, root)}
     assert used >= {"dense", "magnitude", "lth", "set", "rigl", "deep_r", "grad_r", "stds", "admm", "eslsnn", "upr",
-                    "dynsnn", "pq_rewire"}
+                    "dynsnn", "pq_rewire", "lamp"}
+    assert bench.densities == [0.05, 0.02, 0.01] and bench.seeds == [0, 1, 2]
 
 
 @pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet"])
@@ -137,16 +141,23 @@ def test_cli_bench_dry_run_lists_cells(capsys, tmp_path):
     path.write_text(text.replace("out_dir: runs/bench/fmnist_fc3", f"out_dir: {tmp_path / 'bench'}"))
     assert cli_main(["bench", "--config", str(path), "--dry-run", "--set", "train.epochs=1"]) == 0
     out = capsys.readouterr().out
-    assert "dense_s0" in out and "rigl_d10_s0" in out and "grad_r_d50_s0" not in out
-    assert "39 cells: 0 done, 39 to train" in out and not (tmp_path / "bench").exists()
+    assert "dense_s0" in out and "rigl_d1_s2" in out and "lamp_d5_s0" in out and "pq_rewire_noregrow_d5" not in out
+    # 14 labels x 3 targets x 3 seeds, two ablations at 2% x 3 seeds, dense x 3
+    assert "135 cells: 0 done, 135 to train" in out and not (tmp_path / "bench").exists()
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert lines[0].split()[1] == "dense_s0" and lines[1].split()[1] == "pq_rewire_d5_s0"  # seed 0 of all first
+    assert lines[45].split()[1] == "dense_s1"
     assert cli_main(["bench", "--config", str(src), "--dry-run", "--only", "rigl,dense"]) == 0
-    assert "4 cells" in capsys.readouterr().out
+    assert "12 cells" in capsys.readouterr().out
+    assert cli_main(["bench", "--config", str(src), "--dry-run", "--only", "rigl,dense", "--shard", "2/5"]) == 0
+    assert "3 cells" in capsys.readouterr().out  # cells 1, 6, 11 of the 12
     assert cli_main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-def _row(method, name, d, acc, conn, sops):
-    return {"method": method, "method_name": name, "target_density": d, "seed": 0, "accuracy": acc,
-            "connectivity": conn, "sops": sops, "energy_uj": 1.0, "firing_rate": 0.1, "train_time_s": 1.0}
+def _row(method, name, d, acc, conn, sops, seed=0):
+    return {"method": method, "method_name": name, "target_density": d, "seed": seed, "accuracy": acc,
+            "connectivity": conn, "measured": conn, "on_target": B.on_target(conn, d), "sops": sops,
+            "energy_uj": 1.0, "firing_rate": 0.1, "train_time_s": 1.0, "run": f"{method}_s{seed}"}
 
 
 def test_standing_compares_core_methods_with_the_best_on_target_baseline():
@@ -167,4 +178,4 @@ def test_standing_compares_core_methods_with_the_best_on_target_baseline():
     dyn = next(line for line in table if "| dynsnn |" in line)
     assert "| -1.50 |" in dyn and "| 0.60x |" in dyn
     md = markdown(rows)
-    assert "| admm | 25 |" in md and "✗ +5.00" in md and "✓ +0.50" in md
+    assert "| admm | 25 | 0 of 1 | — |" in md and "admm_s0 measured 30.00% for 25%" in md and "✓ +0.50" in md

@@ -40,10 +40,11 @@ OPTIONS = {
     "stds": {"target_density": 0.5},
     "admm": {"target_density": 0.5, "prune_epoch": 1},
     "upr": {"target_density": 0.5, "search_epochs": 1},
+    "lamp": {"target_density": 0.5, "update_every": 1, "end": 0.5},
 }
 # connection density each method holds at the end of the run (None: no fixed target; checked otherwise below)
 TARGET = {"magnitude": 0.5, "lth": 0.75, "set": 0.5, "rigl": 0.5, "eslsnn": 0.5, "deep_r": 0.5, "stds": 0.5,
-          "admm": 0.5, "upr": 0.5}
+          "admm": 0.5, "upr": 0.5, "lamp": 0.5}
 UNIT_METHODS = {"dynsnn", "sca"}  # structured: masks on neurons / conv channels
 CONV_ONLY = {"sca"}  # channel pruning: needs conv -> [BN] -> neuron groups
 
