@@ -12,7 +12,7 @@ METHODS = Registry("method")
 register_method = METHODS.register
 
 _MODULES = ["dynsnn", "pq_rewire", "sca", "magnitude", "lth", "set", "rigl", "deep_r", "grad_r", "stds", "admm",
-            "eslsnn", "upr", "lamp"]
+            "eslsnn", "upr", "lamp", "l1_filter", "slimming", "random_channels"]
 
 
 def _load_all() -> None:
