@@ -204,3 +204,111 @@ def test_lamp_gradual_schedule_reaches_the_target():
                               target_density=0.05, update_every=2, end=0.75)
     loop(model, pruner, opt, 2, 6)
     assert mask_density(pruner.engine) == pytest.approx(0.05, abs=1 / 3000)
+
+
+# ------------------------------------------------------------------------------- structured baselines
+def convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("convnet", channels=(4, 6), hidden=16, image_size=8, T=2, num_classes=4,
+                        neuron={"type": "lif", "v_threshold": 0.3})
+
+
+def channel_method(name: str, model: nn.Module, **options):
+    m = create_method(name, **options)
+    st = LoopState(model=model, example_input=torch.rand(2, 1, 8, 8),
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epochs=4, steps_per_epoch=3, seed=0)
+    m.setup(st)
+    return m, st
+
+
+def test_l1_filter_keeps_the_filters_with_the_largest_l1_per_layer():
+    model = convnet()
+    m, st = channel_method("l1_filter", model, keep=0.5, prune_epoch=2)
+    modules = dict(model.named_modules())
+    want = {}
+    for g in m.groups:
+        (p,) = g.producers
+        with torch.no_grad():
+            modules[p].weight.copy_(torch.arange(g.units, dtype=torch.float32).flip(0).view(-1, 1, 1, 1)
+                                    * torch.ones_like(modules[p].weight))  # filter c has L1 ∝ (C - 1 - c)
+        want[g.neuron] = torch.arange(g.units) < round(0.5 * g.units)
+    st.epoch = 0
+    m.on_epoch_end(st, {})
+    assert not m.pruned  # prunes after epoch 2, not before
+    st.epoch = 1
+    m.on_epoch_end(st, {})
+    assert m.pruned and m.history[-1]["channels"] == 10
+    for n, w in want.items():
+        assert torch.equal(m.engine.unit_mask(n).cpu(), w), n
+    assert m.channel_fraction() == pytest.approx(0.5)
+    assert m.summary()["channel_fraction"] == pytest.approx(0.5)
+
+
+def test_slimming_penalises_bn_scales_until_the_prune_then_ranks_them_globally():
+    model = convnet()
+    m, st = channel_method("slimming", model, keep=0.3, prune_epoch=1, l1=0.5)
+    bns = list(m.norms.values())
+    for bn in bns:
+        bn.weight.grad = torch.zeros_like(bn.weight)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(-1, 1, bn.weight.numel()))
+    st.optimizer.zero_grad(set_to_none=False)
+    st.optimizer.step()  # the pre-hook adds l1 * sign(gamma) to the scale gradients
+    for bn in bns:
+        assert torch.equal(bn.weight.grad, 0.5 * torch.sign(bn.weight.detach()))
+    with torch.no_grad():
+        bns[0].weight.copy_(torch.tensor([0.9, 0.01, 0.02, 0.8]))
+        bns[1].weight.copy_(torch.tensor([0.03, -0.7, 0.04, 0.05, 0.06, 0.6]))
+    st.epoch = 0
+    m.on_epoch_end(st, {})
+    kept = torch.cat([m.engine.unit_mask(n).cpu() for n in m.neurons])
+    # floor(0.3 * 10) = 3 over both layers: |gamma| 0.9, 0.8, 0.7 (global, not per layer)
+    assert kept.tolist() == [True, False, False, True, False, True, False, False, False, False]
+    for bn in bns:
+        bn.weight.grad = torch.zeros_like(bn.weight)
+    st.optimizer.step()  # no penalty after the prune
+    assert all(float(bn.weight.grad.abs().sum()) == 0 for bn in bns)
+
+
+def test_random_channels_are_seeded_and_compact_to_a_smaller_net():
+    from spikeprune.compact import compact
+
+    masks = []
+    for _ in range(2):
+        model = convnet()
+        m, st = channel_method("random_channels", model, keep=0.5, prune_epoch=0)
+        m.on_train_start(st)
+        masks.append(torch.cat([m.engine.unit_mask(n).cpu() for n in m.neurons]))
+    assert torch.equal(masks[0], masks[1]) and m.channel_fraction() == pytest.approx(0.5)
+    x = torch.rand(3, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    small = compact(model, x[:2])
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), before)
+
+
+def test_bench_compacts_structured_cells(tmp_path):
+    import json
+
+    from test_bench import TINY
+
+    from spikeprune import bench as B
+    from spikeprune.config import from_dict
+
+    recipe = {**TINY, "model": {"name": "convnet", "T": 2, "options": {"channels": [4, 6], "hidden": 16,
+                                                                        "image_size": 8},
+                                "neuron": {"type": "lif", "v_threshold": 0.2}},
+              "train": {**TINY["train"], "epochs": 2}}
+    bench = from_dict(B.BenchConfig, {
+        "name": "ch", "recipe": recipe, "out_dir": str(tmp_path / "out"), "densities": [0.5], "seeds": [0, 1],
+        "dense": False, "methods": [{"name": "l1", "method": {"name": "l1_filter", "prune_epoch": 1},
+                                     "target": "method.keep", "measure": "channels", "compact": True}]})
+    B.run_bench(bench, tmp_path, log=lambda *a: None, header="")
+    comp = json.loads((tmp_path / "out" / "runs" / "l1_d50_s0" / "compact.json").read_text())
+    assert comp["dense_macs_after"] < comp["dense_macs_before"] and comp["params_after"] < comp["params_before"]
+    assert comp["time_compact_s"] > 0 and comp["time_folded_s"] > 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "MACs after compact" in md and "| l1 | 50 | 2 |" in md and "✓ +0.00" in md

@@ -41,12 +41,16 @@ OPTIONS = {
     "admm": {"target_density": 0.5, "prune_epoch": 1},
     "upr": {"target_density": 0.5, "search_epochs": 1},
     "lamp": {"target_density": 0.5, "update_every": 1, "end": 0.5},
+    "l1_filter": {"keep": 0.5, "prune_epoch": 1},
+    "slimming": {"keep": 0.5, "prune_epoch": 1, "l1": 1e-3},
+    "random_channels": {"keep": 0.5, "prune_epoch": 1},
 }
 # connection density each method holds at the end of the run (None: no fixed target; checked otherwise below)
 TARGET = {"magnitude": 0.5, "lth": 0.75, "set": 0.5, "rigl": 0.5, "eslsnn": 0.5, "deep_r": 0.5, "stds": 0.5,
           "admm": 0.5, "upr": 0.5, "lamp": 0.5}
-UNIT_METHODS = {"dynsnn", "sca"}  # structured: masks on neurons / conv channels
-CONV_ONLY = {"sca"}  # channel pruning: needs conv -> [BN] -> neuron groups
+CHANNEL_BASELINES = {"l1_filter", "slimming", "random_channels"}  # one prune to a kept fraction of conv channels
+UNIT_METHODS = {"dynsnn", "sca", *CHANNEL_BASELINES}  # structured: masks on neurons / conv channels
+CONV_ONLY = {"sca", *CHANNEL_BASELINES}  # channel pruning: needs conv -> [BN] -> neuron groups
 
 
 def test_every_registered_method_is_in_the_matrix():
@@ -178,6 +182,11 @@ def test_method_in_the_users_loop(method, framework):
     conv = method in CONV_ONLY
     model = build(conv)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
+    if method == "slimming" and framework == "snntorch":  # its conv net has no BatchNorm: no scales to slim
+        with pytest.raises(ValueError, match=r"^slimming needs a BatchNorm .* use l1_filter or random_channels"):
+            spikeprune.prune(model, method, example_input=example, optimizer=opt, epochs=EPOCHS,
+                             steps_per_epoch=STEPS, seed=0, **OPTIONS[method])
+        return
     pruner = spikeprune.prune(model, method, example_input=example, optimizer=opt, epochs=EPOCHS,
                               steps_per_epoch=STEPS, seed=0, **OPTIONS[method])
     assert pruner.engine.layers, "the method masks some layer"
@@ -196,6 +205,8 @@ def test_method_in_the_users_loop(method, framework):
         assert pruner.density() < 1.0
     elif method == "dynsnn":
         assert pruner.density() < 1.0 and any(not bool(um.all()) for um in pruner.engine.unit_masks().values())
+    elif method in CHANNEL_BASELINES:  # round(keep * C) channels of every conv layer (slimming: over all of them)
+        assert pruner.channel_fraction() == pytest.approx(0.5, abs=0.2) and pruner.density() < 1.0
     x = make_x(torch.Generator().manual_seed(9))
     if method in UNIT_METHODS:
         assert pruner.engine.unit_masks()
