@@ -1,5 +1,5 @@
 """ANN->SNN conversion of LeNet-5 on Fashion-MNIST and DynSNN on the converted SNN (issue: "ANN-to-SNN conversion,
-and DynSNN on converted networks"; methods.md §3 item 5).
+and DynSNN on converted networks"; docs/methods.md §3 item 5).
 
 Usage (from the repository root; about 30-40 min on a shared 2-core CPU, one thread):
 

@@ -217,11 +217,14 @@ def test_only_build_tools_left_in_the_build_folder_count_as_left_by_a_killed_bui
 
 def test_the_build_key_ignores_the_checkout_path(tmp_path, monkeypatch):
     name, description = _ext._key()
-    copy = tmp_path / "spikeprune_cpu.cpp"
-    copy.write_bytes(_ext._SOURCE.read_bytes())
-    monkeypatch.setattr(_ext, "_SOURCE", copy)
+    copies = []
+    for f in _ext._FILES:
+        copies.append(tmp_path / f.name)
+        copies[-1].write_bytes(f.read_bytes())
+    monkeypatch.setattr(_ext, "_FILES", tuple(copies))
     assert _ext._key() == (name, description)
-    copy.write_bytes(copy.read_bytes() + b"\n// changed\n")
+    header = tmp_path / "spikeprune_cpu.h"
+    header.write_bytes(header.read_bytes() + b"\n// changed\n")  # every file counts, headers too
     assert _ext._key()[0] != name
-    for part in ("source spikeprune_cpu.cpp sha256", "cflags", "cpu", "torch", "python"):
+    for part in ("source neuron.cpp sha256", "source spikeprune_cpu.h sha256", "cflags", "cpu", "torch", "python"):
         assert part in description

@@ -604,7 +604,7 @@ class EventChain(layers.WeightCached, nn.Module):
 
 def _chain_op(name: str, m: nn.Module, path: str) -> tuple[int, list[torch.Tensor], list[float]]:
     """``(kind, tensors, scalars)`` of one layer for the compiled chain (see ``chain_forward`` in
-    ``_ext/spikeprune_cpu.cpp``); ``ValueError`` for a layer it cannot run."""
+    ``_ext/chain.cpp``); ``ValueError`` for a layer it cannot run."""
     if isinstance(m, layers.Flatten):
         return 0, [], [float(m.dims)]
     if isinstance(m, layers.Repeat):

@@ -276,7 +276,7 @@ def _backward_loop(h_seq, k, v0, g_s, g_h_out, g_v_last, kind, v_th, v_reset, de
 
 
 # ------------------------------------------------------------------------------- CPU: compiled kernels
-_SURROGATE_CODES = {ATan: 0, Sigmoid: 1, Triangle: 2}  # the surrogates spikeprune_cpu.cpp knows (exact types)
+_SURROGATE_CODES = {ATan: 0, Sigmoid: 1, Triangle: 2}  # the surrogates _ext/neuron.cpp knows (exact types)
 
 
 def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:

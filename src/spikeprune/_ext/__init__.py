@@ -1,4 +1,6 @@
-"""Compiled CPU kernels (``spikeprune_cpu.cpp``): the fused LIF/IF neuron and the event-driven linear layers.
+"""Compiled CPU kernels (one ``.cpp`` per kernel family, see ``spikeprune_cpu.h``): build and load.
+
+The rest of spikeprune calls them through :mod:`spikeprune.kernels`.
 
 They are built once with :func:`torch.utils.cpp_extension.load` (a C++ compiler and ninja are needed): at install
 time with ``python -m spikeprune._ext`` (:func:`build`), else on first use. The build lands in
@@ -34,7 +36,9 @@ except ImportError:  # Windows: no flock; a stale torch lock is then recognised 
 
 __all__ = ["build", "build_dir", "cpu_kernels", "kernels_for", "t_major_dense", "use_cpp"]
 
-_SOURCE = Path(__file__).with_name("spikeprune_cpu.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = tuple(sorted(_HERE.glob("*.cpp")))  # one per kernel family, plus bindings.cpp
+_FILES = tuple(sorted([*_SOURCES, *_HERE.glob("*.h")]))  # what the build depends on
 _CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
 _DTYPES = (torch.float32, torch.float64)
 _LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
@@ -99,7 +103,7 @@ def _key() -> tuple[str, str]:
     with -march=native), torch's version and C++ ABI, and the Python ABI. (-fno-trapping-math lets GCC turn the
     surrogate's select into vector blends: 9x faster backward, measured.)"""
     lines = [
-        f"source {_SOURCE.name} sha256 {hashlib.sha256(_SOURCE.read_bytes()).hexdigest()}",
+        *(f"source {f.name} sha256 {hashlib.sha256(f.read_bytes()).hexdigest()}" for f in _FILES),
         f"cflags {' '.join(_CFLAGS)}",
         f"machine {platform.machine()}",
         f"cpu {_cpu_flags().decode(errors='replace').strip()}",
@@ -124,14 +128,14 @@ def _build(verbose: bool = False) -> ModuleType | None:
                     lock.clear_stale_torch_lock()
                     # build from a copy in the build folder: ninja records the source's path, and a path per
                     # checkout would make every checkout rebuild the others' kernels
-                    source = where / _SOURCE.name
-                    _write_if_changed(source, _SOURCE.read_bytes())
+                    for f in _FILES:
+                        _write_if_changed(where / f.name, f.read_bytes())
                     print(f"spikeprune: building the compiled CPU kernels in {where} (once; about a minute "
                           "or two) ...", file=sys.stderr, flush=True)
                     start = time.monotonic()
-                    module = cpp_extension.load(name, [str(source)], extra_cflags=list(_CFLAGS),
-                                                extra_ldflags=["-fopenmp"], build_directory=str(where),
-                                                verbose=False)
+                    sources = [str(where / f.name) for f in _SOURCES]
+                    module = cpp_extension.load(name, sources, extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+                                                build_directory=str(where), verbose=False)
                     print(f"spikeprune: built the compiled CPU kernels in {time.monotonic() - start:.0f} s "
                           f"({where})", file=sys.stderr, flush=True)
                     _write_if_changed(done, description.encode())

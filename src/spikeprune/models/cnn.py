@@ -78,7 +78,7 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, T:
 def cifarnet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, T: int = 8, neuron="lif",
              encoding: str = "direct", dropout: float = 0.5, voting: int = 10) -> SequentialSNN:
     """Grad R / STDS / UPR "6 Conv, 2 FC" CIFAR net: 3x conv256, MP2, 3x conv256, MP2, FC2048, FC(10*classes),
-    voting; no biases (methods.md §1)."""
+    voting; no biases (docs/methods.md §1)."""
     make = neuron_factory(neuron)
     feat = pooled(image_size, 4, "cifarnet")
     layers = [*conv_bn(in_channels, 256, make), *conv_bn(256, 256, make), *conv_bn(256, 256, make),

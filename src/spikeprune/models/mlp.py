@@ -32,7 +32,7 @@ class MLP(SpikingModel):
 @register_model("fc3")
 def fc3(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, T: int = 4, neuron="lif",
         encoding: str = "direct", spiking_readout: bool = False, hidden: Sequence[int] = (800, 800)) -> MLP:
-    """DynSNN's "3 FC" net, 784-800-800-10 (widths are our reconstruction, methods.md §1)."""
+    """DynSNN's "3 FC" net, 784-800-800-10 (widths are our reconstruction, docs/methods.md §1)."""
     return MLP("fc3", hidden, num_classes, in_channels, image_size, T, neuron, encoding, spiking_readout)
 
 

@@ -11,7 +11,7 @@ layer ``l`` (``k_l = round(target_density · n_l)``), solved by ADMM, then hard 
   respect to every spike is the constant ``λ/B``, it is applied as a gradient hook on every spiking layer's output
   during training (the trainer's loss stays the task loss).
 
-Chosen here [R]: ρ = 0.01 (methods.md: 1e-3–1e-2), constant; Z/U updated once per epoch; the hard prune keeps the
+Chosen here [R]: ρ = 0.01 (docs/methods.md: 1e-3–1e-2), constant; Z/U updated once per epoch; the hard prune keeps the
 largest ``|W|`` (not Z's support); ``prune_epoch: null`` = 3/4 of the epochs; λ counts spikes summed over T and
 all spiking layers, per sample; no weight quantisation.
 """

@@ -10,7 +10,7 @@ taken as if the gate were open (a dense, RigL-style signal). Masks are recompute
 channels come and go; they freeze at ``freeze_epoch`` for fine-tuning. ``l1`` adds ``λ·sign(w)`` to the
 gradients of the pruned conv layers (the reference recipe uses 3e-5).
 
-Left open by the paper and chosen here [R] (methods.md §5): ``s+|u|`` as default score, the gate placed on the
+Left open by the paper and chosen here [R] (docs/methods.md §5): ``s+|u|`` as default score, the gate placed on the
 spiking output (so the whole channel is silenced and its BN and filter freeze while masked), the gate gradient
 in place of the BN-scale gradient, ``keep``=0.4/``regrow``=0.1 defaults, and at least ``min_channels`` per layer.
 Channels of residual-coupled layers are not pruned.
