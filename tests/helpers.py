@@ -9,6 +9,7 @@ from torch import nn
 
 from spikeprune.graph import SYNAPTIC
 from spikeprune.models import create_model
+from spikeprune.sparsity import MaskEngine, random_mask
 
 
 def conv(channels=(4, 6)) -> nn.Module:
@@ -32,3 +33,17 @@ def liven(model: nn.Module, gain: float = 5.0, seed: int = 0, shift_running_mean
                 if shift_running_mean:
                     m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
     return model
+
+
+def mask_randomly(model: nn.Module, example_input: torch.Tensor, seed: int = 0, density: float = 0.5,
+                  dead_every: int = 3) -> MaskEngine:
+    """Random connection masks (``density``) on every prunable layer and every ``dead_every``-th unit dead."""
+    eng = MaskEngine(model, example_input=example_input)
+    g = torch.Generator().manual_seed(seed)
+    for n, layer in eng.layers.items():
+        eng.set_mask(n, random_mask(layer.weight.shape, density, g))
+    for n in eng.enable_units():
+        um = torch.ones_like(eng.unit_mask(n))
+        um[::dead_every] = False
+        eng.set_unit_mask(n, um)
+    return eng

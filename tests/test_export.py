@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import mask_randomly
 from torch import nn
 
 from spikeprune.models import create_model
-from spikeprune.sparsity import MaskEngine, random_mask
 
 T = 4
 
@@ -35,14 +35,7 @@ def _masked(name, seed=0, **kw):
     else:
         model = create_model(name, neuron={"type": "lif", "v_threshold": 0.5}, **{"image_size": 8, **kw})
     x = model.example_input(2)
-    eng = MaskEngine(model, example_input=x)
-    g = torch.Generator().manual_seed(seed)
-    for n, layer in eng.layers.items():
-        eng.set_mask(n, random_mask(layer.weight.shape, 0.5, g))
-    for n in eng.enable_units():
-        um = torch.ones_like(eng.unit_mask(n))
-        um[::3] = False
-        eng.set_unit_mask(n, um)
+    eng = mask_randomly(model, x, seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

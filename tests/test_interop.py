@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import liven
+from helpers import liven, mask_randomly
 from torch import nn
 
 from spikeprune.models import create_model
 from spikeprune.neurons import BaseNeuron
-from spikeprune.sparsity import MaskEngine, random_mask
 
 nir = pytest.importorskip("nir")
 pytest.importorskip("nirtorch")
@@ -43,14 +42,7 @@ def pruned(name: str, seed: int = 0) -> nn.Module:
     else:
         model = _spike_pool_net()
     liven(model, gain=5.0, seed=seed, shift_running_mean=True)
-    eng = MaskEngine(model, example_input=model.example_input(2))
-    g = torch.Generator().manual_seed(seed)
-    for n, layer in eng.layers.items():
-        eng.set_mask(n, random_mask(layer.weight.shape, 0.5, g))
-    for n in eng.enable_units():
-        um = torch.ones_like(eng.unit_mask(n))
-        um[::3] = False
-        eng.set_unit_mask(n, um)
+    mask_randomly(model, model.example_input(2), seed)
     return model.eval()
 
 
