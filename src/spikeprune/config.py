@@ -129,8 +129,11 @@ class MeasureConfig:
     pj_per_ac: float = 0.9
     pj_per_mac: float = 4.6
     max_batches: int | None = None
+    pooled_spikes: Literal["mac", "sop"] = "mac"  # average-pooled spikes into a layer: MACs (NeuroBench) or SOPs (UPR)
 
     def validate(self, key: str) -> None:
+        _check(self.pooled_spikes in ("mac", "sop"), f"{key}.pooled_spikes",
+               f"must be 'mac' or 'sop', got {self.pooled_spikes!r}")
         _check(self.pj_per_ac >= 0, f"{key}.pj_per_ac", f"must be >= 0, got {self.pj_per_ac}")
         _check(self.pj_per_mac >= 0, f"{key}.pj_per_mac", f"must be >= 0, got {self.pj_per_mac}")
         _check(self.max_batches is None or self.max_batches >= 1, f"{key}.max_batches", "must be >= 1 or null")

@@ -6,6 +6,13 @@
 * **effective SOPs**: every input spike times its non-zero outgoing synapses (to alive units), summed over T and
   positions, averaged per sample. A layer whose input is not binary (the direct-encoded first layer) counts
   **MACs** instead, over its non-zero weights. **Dense SOPs** use all weights, as most tools do.
+* **pooled spikes** (``pooled_spikes``): a layer fed by *average-pooled spikes* (an average pool whose input was
+  binary, possibly flattened) does not see binary input. ``"mac"`` (default, NeuroBench's rule) counts it as MACs
+  over its non-zero weights, like any analog input; ``"sop"`` counts it as synaptic events with the UPR formula
+  ``Σ x · fan-out`` (docs/methods.md §2.2: ``conv2d(input, 1[w ≠ 0])`` summed, so a pooled value of 1/4 is a
+  quarter event), as the UPR-style counts of the papers do. Both figures are kept: :attr:`Measurement.other_rule`
+  holds the totals under the rule not chosen whenever the two differ, and :meth:`Measurement.table` names the rule
+  in its header.
 * **energy**: ``pj_per_ac * SOPs + pj_per_mac * MACs`` (45 nm figures 0.9 / 4.6 pJ by default).
 * **firing rate**: emitted spikes / (T × neurons × samples), per spiking layer and overall (every neuron,
   i.e. every channel at every position, weighs the same; not an average of per-layer rates).
@@ -40,12 +47,16 @@ class LayerStats:
     kind: str  # "linear" | "conv"
     weights: int
     nonzero: int
-    input: str = ""  # "spikes" | "analog" | "" (did not run)
+    input: str = ""  # "spikes" | "pooled spikes" | "analog" | "" (did not run)
     sops: float = 0.0
     dense_sops: float = 0.0
     macs: float = 0.0  # effective MACs (analog input, non-zero weights)
     dense_macs: float = 0.0  # conventional dense MACs (Cout·Hout·Wout·Cin·k², all frames)
     in_rate: float = 0.0
+    # a layer fed by average-pooled spikes, under both rules (per sample): SOPs by Σ x·fan-out, or MACs
+    pooled_sops: float = 0.0
+    pooled_dense_sops: float = 0.0
+    pooled_macs: float = 0.0
 
     @property
     def connectivity(self) -> float:
@@ -82,17 +93,23 @@ class Measurement:
     spiking: list[NeuronStats]
     pj_per_ac: float = 0.9
     pj_per_mac: float = 4.6
+    pooled_spikes: str = "mac"  # how average-pooled spikes into a layer were counted ("mac" | "sop")
+    # the totals under the other rule ({"pooled_spikes", "sops", "dense_sops", "macs", "energy_uj"}) when they differ
+    other_rule: dict | None = None
 
     @property
     def connectivity(self) -> float:
         return self.nonzero / max(1, self.weights)
 
     def summary(self) -> dict:
-        """Flat dict of the headline numbers."""
-        return {"accuracy": self.accuracy, "connectivity": self.connectivity, "params": self.params,
-                "weights_nonzero": self.nonzero, "sops": self.sops, "dense_sops": self.dense_sops,
-                "macs": self.macs, "energy_uj": self.energy_uj, "firing_rate": self.firing_rate,
-                "neurons_alive": self.neurons_alive, "neurons": self.neurons}
+        """Flat dict of the headline numbers (``other_rule`` only when the pooled-spike rules differ)."""
+        d = {"accuracy": self.accuracy, "connectivity": self.connectivity, "params": self.params,
+             "weights_nonzero": self.nonzero, "sops": self.sops, "dense_sops": self.dense_sops,
+             "macs": self.macs, "energy_uj": self.energy_uj, "firing_rate": self.firing_rate,
+             "neurons_alive": self.neurons_alive, "neurons": self.neurons, "pooled_spikes": self.pooled_spikes}
+        if self.other_rule is not None:
+            d["other_rule"] = dict(self.other_rule)
+        return d
 
     def to_dict(self) -> dict:
         d = self.summary()
@@ -101,9 +118,20 @@ class Measurement:
         d["pj_per_ac"], d["pj_per_mac"], d["samples"] = self.pj_per_ac, self.pj_per_mac, self.samples
         return d
 
+    def rule_line(self) -> str:
+        """One line naming how pooled spikes were counted, with the other rule's totals where they differ."""
+        line = f"measure: pooled_spikes={self.pooled_spikes} ({POOLED_RULES[self.pooled_spikes]})"
+        o = self.other_rule
+        if o is not None:
+            line += (f"; with pooled_spikes={o['pooled_spikes']}: eff. SOPs {o['sops']:,.0f}, dense SOPs "
+                     f"{o['dense_sops']:,.0f}, MACs {o['macs']:,.0f}, energy {o['energy_uj']:.4g} µJ")
+        return line
+
     def table(self) -> str:
-        """Per-layer Markdown table followed by the totals."""
-        rows = ["| layer | input | conn. % | non-zero | eff. SOPs | dense SOPs | MACs |",
+        """The pooled-spike rule (and the other rule's totals where they differ), then a per-layer Markdown
+        table followed by the totals."""
+        rows = [self.rule_line(), "",
+                "| layer | input | conn. % | non-zero | eff. SOPs | dense SOPs | MACs |",
                 "|---|---|---:|---:|---:|---:|---:|"]
         for l in self.layers:
             rows.append(f"| {l.name} | {l.input or '-'} | {100 * l.connectivity:.2f} | {l.nonzero:,} | "
@@ -145,6 +173,13 @@ def _fanout(m: nn.Module, w_bin: torch.Tensor, in_shape: tuple[int, ...]) -> tor
 
 
 LAYOUTS = ("B", "TB")
+POOLED_RULES = {"mac": "average-pooled spikes into a layer count as MACs, NeuroBench's rule",
+                "sop": "average-pooled spikes into a layer count as synaptic events, sum of x * fan-out (UPR)"}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
+def _storage(x: torch.Tensor) -> int:
+    return x.untyped_storage().data_ptr()
 _SNNTORCH_WRAP = ("wrap it: spikeprune.adapters.snntorch.SnnTorchSequence(net, T=...) for [B, ...] batches or "
                   "SnnTorchSequence(net) for [T, B, ...] batches")
 
@@ -204,13 +239,16 @@ def _resolve_layout(layout: str | None, x: torch.Tensor, y: torch.Tensor | None)
 @torch.no_grad()
 def measure(model: nn.Module, loader, device: str | torch.device | None = None, max_batches: int | None = None,
             pj_per_ac: float = 0.9, pj_per_mac: float = 4.6, prunable: list[str] | None = None,
-            unit_rates: bool = False, layout: str | None = None) -> Measurement:
+            unit_rates: bool = False, layout: str | None = None, pooled_spikes: str = "mac") -> Measurement:
     """Run ``loader`` through ``model`` (eval mode) and measure accuracy, connectivity, SOPs, energy and
     firing rates. ``prunable`` restricts the connectivity total to those layers (default: all Conv/Linear).
     ``layout`` is ``"B"`` for ``[B, ...]`` batches or ``"TB"`` for ``[T, B, ...]`` (default: told by the model, see
-    :func:`input_layout`); per-sample numbers divide by the batch axis of that layout."""
+    :func:`input_layout`); per-sample numbers divide by the batch axis of that layout. ``pooled_spikes``:
+    ``"mac"`` or ``"sop"``, how a layer fed by average-pooled spikes is counted (module docstring)."""
     if pj_per_ac < 0 or pj_per_mac < 0:
         raise ValueError("pj_per_ac and pj_per_mac must be >= 0")
+    if pooled_spikes not in POOLED_RULES:
+        raise ValueError(f"pooled_spikes must be one of {list(POOLED_RULES)}, got {pooled_spikes!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layout = input_layout(model, layout)
     it = iter(loader)
@@ -230,7 +268,13 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     spk_sum: dict[str, torch.Tensor] = {}
     spk_cnt: dict[str, float] = {}
     spk_total = [0.0, 0]  # all emitted spikes, all neuron-steps (T x neurons x samples, positions included)
+    pooled_out: set[int] = set()  # storages of this forward's average pools of binary input
     hooks = []
+
+    def pool_hook(mod, inputs, out):
+        x = inputs[0]
+        if torch.is_tensor(out) and bool(((x == 0) | (x == 1)).all()):
+            pooled_out.add(_storage(out))
 
     def syn_hook(name):
         def hook(mod, inputs):
@@ -239,7 +283,8 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
             frames = x.numel() // math.prod(feat)
             ls = layers[name]
             spikes = bool(((x == 0) | (x == 1)).all())
-            ls.input = "spikes" if spikes else "analog"
+            pooled = not spikes and _storage(inputs[0]) in pooled_out and bool((x >= 0).all())
+            ls.input = "spikes" if spikes else ("pooled spikes" if pooled else "analog")
             key = (name, tuple(feat))
             if key not in fan_cache:
                 fan_cache[key] = (_fanout(mod, bins[name], tuple(feat)), _fanout(mod, dense[name], tuple(feat)))
@@ -249,6 +294,11 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
             if spikes:
                 ls.sops += float((xs * f_eff).sum())
                 ls.dense_sops += float((xs * f_dense).sum())
+                ls.in_rate += float(x.mean()) * frames
+            elif pooled:  # both rules; the chosen one is applied at the end
+                ls.pooled_sops += float((xs * f_eff).sum())
+                ls.pooled_dense_sops += float((xs * f_dense).sum())
+                ls.pooled_macs += float(f_eff.sum()) * frames
                 ls.in_rate += float(x.mean()) * frames
             else:
                 ls.macs += float(f_eff.sum()) * frames
@@ -268,6 +318,8 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
         return hook
 
     for n, m in modules.items():
+        if isinstance(m, _AVG_POOLS):
+            hooks.append(m.register_forward_hook(pool_hook))
         if isinstance(m, SYNAPTIC):
             hooks.append(m.register_forward_pre_hook(syn_hook(n)))
         elif is_neuron(m):
@@ -284,6 +336,7 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
             if b:
                 _resolve_layout(layout, x, y)  # every batch: labels and batch axis agree
             reset_states(model)  # SpikingJelly / snnTorch neurons keep their state between calls
+            pooled_out.clear()
             out = model(x)
             if not torch.is_tensor(out):
                 raise ValueError(f"measure: {type(model).__name__} returned a {type(out).__name__}, not per-step "
@@ -302,11 +355,14 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     n = max(1, samples)
     for ls in layers.values():
         frames = getattr(ls, "_frames", 0)
-        ls.in_rate = ls.in_rate / frames if frames and ls.input == "spikes" else 0.0
+        ls.in_rate = ls.in_rate / frames if frames and ls.input in ("spikes", "pooled spikes") else 0.0
         ls.sops /= n
         ls.dense_sops /= n
         ls.macs /= n
         ls.dense_macs /= n
+        ls.pooled_sops /= n
+        ls.pooled_dense_sops /= n
+        ls.pooled_macs /= n
         if hasattr(ls, "_frames"):
             del ls._frames
     spiking = []
@@ -321,18 +377,36 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     prune_set = set(prunable) if prunable is not None else set(layers)
     weights = sum(l.weights for n_, l in layers.items() if n_ in prune_set)
     nonzero = sum(l.nonzero for n_, l in layers.items() if n_ in prune_set)
-    other = _other_params(model, eff)
-    sops = sum(l.sops for l in layers.values())
-    macs = sum(l.macs for l in layers.values())
+    other_params = _other_params(model, eff)
+    base_sops = sum(l.sops for l in layers.values())
+    base_dense = sum(l.dense_sops for l in layers.values())
+    base_macs = sum(l.macs for l in layers.values())
+    p_sops = sum(l.pooled_sops for l in layers.values())
+    p_dense = sum(l.pooled_dense_sops for l in layers.values())
+    p_macs = sum(l.pooled_macs for l in layers.values())
+    rules = {"mac": (base_sops, base_dense, base_macs + p_macs), "sop": (base_sops + p_sops, base_dense + p_dense,
+                                                                          base_macs)}
+    for ls in layers.values():  # the per-layer figures under the chosen rule
+        if pooled_spikes == "sop":
+            ls.sops += ls.pooled_sops
+            ls.dense_sops += ls.pooled_dense_sops
+        else:
+            ls.macs += ls.pooled_macs
+    sops, dense_sops, macs = rules[pooled_spikes]
+    other = "sop" if pooled_spikes == "mac" else "mac"
+    o_sops, o_dense, o_macs = rules[other]
+    other_rule = None
+    if any(ls.input == "pooled spikes" for ls in layers.values()):
+        other_rule = {"pooled_spikes": other, "sops": o_sops, "dense_sops": o_dense, "macs": o_macs,
+                      "energy_uj": (pj_per_ac * o_sops + pj_per_mac * o_macs) * 1e-6}
     return Measurement(
         accuracy=correct / n if has_labels else None, samples=samples, weights=weights, nonzero=nonzero,
-        params=sum(l.nonzero for l in layers.values()) + other, sops=sops,
-        dense_sops=sum(l.dense_sops for l in layers.values()), macs=macs,
+        params=sum(l.nonzero for l in layers.values()) + other_params, sops=sops, dense_sops=dense_sops, macs=macs,
         dense_macs=sum(l.dense_macs for l in layers.values()),
         energy_uj=(pj_per_ac * sops + pj_per_mac * macs) * 1e-6,
         firing_rate=spk_total[0] / max(1, spk_total[1]), neurons=sum(s.units for s in spiking),
         neurons_alive=sum(s.alive for s in spiking), layers=list(layers.values()), spiking=spiking,
-        pj_per_ac=pj_per_ac, pj_per_mac=pj_per_mac)
+        pj_per_ac=pj_per_ac, pj_per_mac=pj_per_mac, pooled_spikes=pooled_spikes, other_rule=other_rule)
 
 
 def _dense_macs(m: nn.Module, feat) -> int:
