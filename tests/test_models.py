@@ -9,7 +9,7 @@ from torch import nn
 from spikeprune.layers import BatchNorm2d, Conv2d, Repeat
 from spikeprune.models import create_model, list_models
 
-BIG = {"cifarnet", "vgg_snn", "resnet19", "sew_resnet18"}
+BIG = {"cifarnet", "vgg_snn", "resnet19", "sew_resnet18", "vgg16_bn"}
 
 
 def weight_count(model: nn.Module) -> int:
@@ -19,7 +19,7 @@ def weight_count(model: nn.Module) -> int:
 
 def test_zoo_is_complete():
     assert set(list_models()) >= {"fc2", "fc3", "convnet", "lenet5", "cifarnet", "vgg_snn", "resnet19",
-                                  "sew_resnet18"}
+                                  "sew_resnet18", "vgg16_bn"}
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -38,7 +38,8 @@ def test_forward_shape_and_bad_input(name):
         model(wrong)
 
 
-@pytest.mark.parametrize("name, expected", [("resnet19", 12.6e6), ("vgg_snn", 9.2e6), ("cifarnet", 36.7e6)])
+@pytest.mark.parametrize("name, expected", [("resnet19", 12.6e6), ("vgg_snn", 9.2e6), ("cifarnet", 36.7e6),
+                                            ("vgg16_bn", 14.7e6)])
 def test_weight_counts(name, expected):
     n = weight_count(create_model(name))
     print(name, n)
@@ -341,3 +342,15 @@ def test_dense_but_persistent_input_qualifies_through_its_differences():
     node = layer(static).grad_fn.next_functions[0][0]
     assert "SparseInputLinear" in type(node).__name__ and node.steps == 6
     assert torch.allclose(layer(static), ref(static), rtol=0, atol=1e-4)
+
+
+def test_vgg16_bn_plan():
+    """SCA's snnvgg16_bn: 13 3x3 conv + BN + neuron in the VGG-16 plan, five pools, FC(512 -> classes)."""
+    model = create_model("vgg16_bn", num_classes=100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    assert all(c.kernel_size == (3, 3) and c.bias is None for c in convs)
+    assert sum(isinstance(m, BatchNorm2d) for m in model.modules()) == 13
+    assert [m for m in model.modules() if isinstance(m, nn.Linear)][0].in_features == 512
+    with pytest.raises(ValueError, match="image_size >= 32"):
+        create_model("vgg16_bn", image_size=16)

@@ -1,4 +1,5 @@
-"""Convolutional SNNs: ``convnet`` (small, Fashion-MNIST on a CPU), ``lenet5``, ``cifarnet``, ``vgg_snn``."""
+"""Convolutional SNNs: ``convnet`` (small, Fashion-MNIST on a CPU), ``lenet5``, ``cifarnet``, ``vgg_snn``,
+``vgg16_bn`` (SCA's VGG-16-BN)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,34 @@ def vgg_snn(num_classes: int = 10, in_channels: int = 2, image_size: int = 48, T
             cin = cout
     layers += [Flatten(3), Linear(512 * feat * feat, num_classes)]
     return SequentialSNN("vgg_snn", layers, (in_channels, image_size, image_size), num_classes, T, encoding)
+
+
+VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+@register_model("vgg16_bn")
+def vgg16_bn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, T: int = 4, neuron="lif",
+             encoding: str = "direct", pool: str = "max", width: float = 1.0) -> SequentialSNN:
+    """SCA's ``snnvgg16_bn`` (CIFAR style, docs/methods.md §1.3 and §5): 13 x [conv3x3 + BN + LIF] in the VGG-16
+    plan 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M, then FC(512 -> classes); no conv biases.
+
+    The pools follow the neuron (max of spikes is still a spike; ``pool="avg"`` gives pooled rates, which
+    ``measure.pooled_spikes`` decides how to count). ``width`` scales every conv width (tiny nets for tests)."""
+    if pool not in ("max", "avg"):
+        raise ValueError(f"vgg16_bn pool must be 'max' or 'avg', got {pool!r}")
+    if not width > 0:
+        raise ValueError(f"vgg16_bn width must be > 0, got {width}")
+    Pool = MaxPool2d if pool == "max" else AvgPool2d
+    make = neuron_factory(neuron)
+    feat = pooled(image_size, 32, "vgg16_bn")
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for v in VGG16_PLAN:
+        if v == "M":
+            layers.append(Pool(2))
+        else:
+            cout = max(1, round(v * width))
+            layers += conv_bn(cin, cout, make)
+            cin = cout
+    layers += [Flatten(3), Linear(cin * feat * feat, num_classes)]
+    return SequentialSNN("vgg16_bn", layers, (in_channels, image_size, image_size), num_classes, T, encoding)
