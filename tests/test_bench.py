@@ -122,7 +122,7 @@ def test_bench_recipes_found_and_documented():
     assert bench.densities == [0.05, 0.02, 0.01] and bench.seeds == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet"])
+@pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet", "fmnist_convnet_channels"])
 def test_fmnist_bench_cells_build(name):
     """Every cell of the Fashion-MNIST benches builds its trainer and method (on synthetic data of the same shape)."""
     from spikeprune.train import Trainer
