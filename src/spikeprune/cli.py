@@ -30,6 +30,7 @@ commands:
   compare   train several recipes with the same settings and print one results table
   bench     methods x target densities x seeds on one recipe (resumable): tables and plots
   convert   ANN->SNN conversion of a zoo model, accuracy vs T, and DynSNN on the converted SNN
+  reproduce list the papers' table rows with their recipes, or run one and print the paper's number beside ours
   export    write a finished run as NIR (masks permanent, compacted), safetensors or torch.nn.utils.prune form
   report    HTML + Markdown report of a finished run (plots) or of a benchmark's results.csv (Pareto plots)
   list      list registered models, datasets and methods
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="train a ReLU ANN, convert it to an IF SNN, DynSNN on the result")
     _config_args(p)
     p.add_argument("--overwrite", action="store_true", help="run again in a directory holding a finished conversion")
+    p = sub.add_parser("reproduce", help="list the papers' table rows, or run one beside the paper's number")
+    p.add_argument("row", nargs="?", help="a row id from the list (no id: list the rows)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--data-root", help="directory holding the dataset files")
+    p.add_argument("--overwrite", action="store_true", help="run again in a run directory that holds a run")
     p = sub.add_parser("export", help="export a finished run: nir | safetensors | torch-prune")
     _run_args(p)
     p.add_argument("--format", "-f", default="nir", choices=["nir", "safetensors", "torch-prune"])
@@ -221,6 +227,15 @@ def _dispatch(args) -> int:
 
         overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
         run_convert(load_convert_config(args.config, overrides), overwrite=args.overwrite)
+        return 0
+    if args.command == "reproduce":
+        from . import reproduce
+
+        if not args.row:
+            print(reproduce.table())
+            return 0
+        overrides = list(args.set) + ([_root_override(args.data_root)] if args.data_root else [])
+        print(reproduce.comparison(reproduce.run(args.row, overrides, overwrite=args.overwrite)))
         return 0
     if args.command in ("report", "export", "compact"):  # refuse a read-only or full target before any work
         from .runs import check_writable
