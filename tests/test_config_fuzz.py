@@ -12,7 +12,7 @@ from spikeprune.config import ConfigError, load_config
 from spikeprune.sparsity.methods import METHODS, list_methods, method_config
 from spikeprune.train import Trainer
 
-CONV_ONLY = {"sca"}
+CONV_ONLY = {"sca", "l1_filter", "slimming", "random_channels"}  # channel pruning: a net with conv channels
 
 
 def fields(name: str):
