@@ -90,6 +90,7 @@ def test_pq_step_iterations_with_budget_reach_the_target_in_the_run(target):
     loop(model, pruner, opt, 3, 8)
     assert mask_density(pruner.engine) == pytest.approx(target, abs=1 / 3000)
     assert len(m.history) == 6 and all("net_pruned" in h for h in m.history)
+    assert all(h["net_pruned"] >= h["sap_count"] for h in m.history[:-1])  # budget: never less than the bound
     dens = [h["density"] for h in m.history]
     assert all(b < a for a, b in zip(dens, dens[1:]))
 

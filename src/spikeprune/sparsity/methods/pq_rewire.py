@@ -14,7 +14,7 @@ density falls about 15% per iteration for Gaussian-like weights (0.5 → 0.42 �
 accuracy and density are recorded; with ``select: val_acc`` the best iteration (on the validation split) is
 restored at the end, and ``target_density`` stops the net pruning once reached.
 
-Left open by the paper and chosen here [R] (methods.md §4.2): p=0.5, q=1, γ=1, β=0.9, η_r=0.001, the epochs per
+Left open by the paper and chosen here [R] (docs/methods.md §4.2): p=0.5, q=1, γ=1, β=0.9, η_r=0.001, the epochs per
 iteration, ``epoch_frequency``, equal prune/regrow counts inside an iteration with the SAP net prune at its end,
 no rewinding, and momentum = EMA(0.9) of the dense gradient.
 
@@ -191,6 +191,7 @@ class PQRewire(Method):
         active, total = self._active()
         k = torch.cat([v.reshape(-1) for v in counts.values()]).to(torch.float64)
         sap = int(k.sum())
+        self.last_sap = sap  # the bound's own total, recorded beside what was cut
         want = sap
         if c.rate == "budget" and left is not None and left >= 1 and active > goal:
             d = active / total
@@ -296,7 +297,9 @@ class PQRewire(Method):
             if goal is None:  # the bound's own counts
                 out = self.rewire(regrow=False)
             else:  # capped at the target (and raised to the budget's share with rate: budget)
+                self.last_sap = None
                 out = self.rewire(regrow=False, counts=self.net_counts(self._net_prunes_left(state)))
+                rec["sap_count"] = self.last_sap
             rec["net_pruned"] = (out or {}).get("pruned")
 
     def on_train_end(self, state: LoopState) -> None:
