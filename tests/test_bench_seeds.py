@@ -152,8 +152,11 @@ def test_copied_cells_regenerate_the_same_report(tmp_path, capsys):
                                 "densities": [0.25], "seeds": [0, 1],
                                 "methods": [{"name": "gmp", "method": {"name": "magnitude", "update_every": 1}}]}))
     assert cli_main(["bench", "-c", str(yaml), "--out-dir", str(dest), "--report-dir", str(tmp_path / "re"),
-                     "--report-only"]) == 0
-    assert "warning" not in capsys.readouterr().out  # a copied cell (other out_dir) is the same run
+                     "--report-only", "--note", "cells trained by: spikeprune bench -c X", "--set",
+                     "train.progress=true"]) == 0
+    assert "warning" not in capsys.readouterr().out  # a copied cell (other out_dir, logging) is the same run
+    md = (tmp_path / "re" / "results.md").read_text()
+    assert "- cells trained by: spikeprune bench -c X\n" in md and "- command: `spikeprune" in md
     with open(tmp_path / "out" / "results.csv") as a, open(tmp_path / "re" / "results.csv") as b:
         assert list(csv.DictReader(a)) == list(csv.DictReader(b))
     assert not any((tmp_path / "elsewhere").glob("**/*.pt"))

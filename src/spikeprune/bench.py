@@ -325,8 +325,10 @@ def _warn_if_changed(c: Cell, log) -> None:
         return
     old = json.loads(p.read_text())
     new = json.loads(json.dumps(to_dict(c.cfg), default=str))
-    for d in (old, new):  # a copied cell (another out_dir) is the same run
+    for d in (old, new):  # where a cell lives, where its data is read from, how it logs: the same run
         d.pop("out_dir", None)
+        for section, key in (("data", "root"), ("train", "progress"), ("train", "log_every")):
+            (d.get(section) or {}).pop(key, None)
     if old != new:
         log(f"warning: {c.name} finished with a different config; delete {c.run_dir} to train it again")
 
@@ -698,6 +700,8 @@ def add_arguments(p) -> None:
     p.add_argument("--copy-to", metavar="DIR",
                    help="copy each finished cell's results.json, config.json, metrics.csv to DIR/runs/<cell>/")
     p.add_argument("--data-root", help="directory holding the dataset files")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line added to the report's header (e.g. the command that trained the cells)")
 
 
 def main(args: Any) -> int:
@@ -708,6 +712,11 @@ def main(args: Any) -> int:
         bench.report_dir = args.report_dir
     overrides = list(args.set) + ([f"data.root={json.dumps(str(args.data_root))}"] if args.data_root else [])
     only = [s.strip() for s in args.only.split(",")] if args.only else None
+    header = None
+    if getattr(args, "note", None):
+        from .runs import provenance
+
+        header = provenance() + _cpu_line() + "".join(f"- {n}\n" for n in args.note)
     run_bench(bench, root, overrides, only, dry_run=args.dry_run, shard=parse_shard(getattr(args, "shard", None)),
-              report_only=getattr(args, "report_only", False), copy_to=getattr(args, "copy_to", None))
+              report_only=getattr(args, "report_only", False), copy_to=getattr(args, "copy_to", None), header=header)
     return 0
