@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 
 from ..config import DataConfig
 from .ann import evaluate_ann, fold_bn, make_ann, train_ann
-from .dynsnn import dynsnn_convert
+from .dynsnn import ann_units, dynsnn_convert, mask_converted, train_ann_fading
 from .snn import accuracy_vs_T, calibrate, to_snn
 
 
@@ -82,11 +83,26 @@ class DynSNNConvertConfig:
     compensate: bool = False  # fold the dead units' mean input into their consumers' biases [R]
     min_alive: float = 0.02
     exclude: list[str] = field(default_factory=list)  # IF layers (e.g. body.2) kept whole
+    # post: mask the converted SNN by its firing rates (no retraining); train: DynSNN on the ANN's ReLUs during a
+    # short fine-tune of the trained ANN (threshold found while training, masks frozen after ``ramp``), then convert
+    when: Literal["post", "train"] = "post"
+    finetune_epochs: int = 5
+    finetune_lr: float = 3e-4
+    ramp: float = 0.5  # fraction of the fine-tune over which the target compression rises (cubic), then frozen
+    beta: float = 0.9  # EMA factor of the unit activity
+    update_every: int = 20  # fine-tune steps between mask updates during the ramp
 
     def validate(self, key: str) -> None:
         from ..config import _check
 
         _check(self.T >= 1, f"{key}.T", "must be >= 1")
+        _check(self.when == "post" or self.target_compression is not None, f"{key}.target_compression",
+               "is needed with when: train")
+        _check(self.finetune_epochs >= 1, f"{key}.finetune_epochs", "must be >= 1")
+        _check(self.finetune_lr > 0, f"{key}.finetune_lr", "must be > 0")
+        _check(0 < self.ramp <= 1, f"{key}.ramp", f"must be in (0, 1], got {self.ramp}")
+        _check(0 <= self.beta < 1, f"{key}.beta", f"must be in [0, 1), got {self.beta}")
+        _check(self.update_every >= 1, f"{key}.update_every", "must be >= 1")
         _check(self.target_compression is None or 0 <= self.target_compression < 1, f"{key}.target_compression",
                "must be in [0, 1) or null")
         _check(self.kappa > 0, f"{key}.kappa", "must be > 0")
@@ -105,6 +121,7 @@ class ConvertRunConfig:
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     dynsnn: DynSNNConvertConfig = field(default_factory=DynSNNConvertConfig)
     measure_batches: int | None = None  # measure() on the first N test batches (None: all)
+    measure_pooled_spikes: Literal["mac", "sop"] = "mac"  # measure(pooled_spikes=...): pooled spikes as MACs or SOPs
 
     def validate(self, key: str) -> None:
         from ..config import ConfigError, _check
@@ -253,30 +270,67 @@ def run_convert(cfg: ConvertRunConfig, log: Callable[[str], None] | None = None,
     rows = [{"T": t, "ann_acc": ann_acc, "snn_acc": snn_acc[t], "snn_minus_ann": snn_acc[t] - ann_acc} for t in Ts]
 
     dyn = cfg.dynsnn
+    mkw = dict(max_batches=cfg.measure_batches, pooled_spikes=cfg.measure_pooled_spikes)
     if dyn.enabled:
-        dense_m = measure(snn, test, max_batches=cfg.measure_batches)
-        dcalib = _subset_loader(train, dyn.calib_samples, d.eval_batch_size)
+        dense_m = measure(snn, test, **mkw)
         t2 = time.time()
-        res = dynsnn_convert(snn, dcalib, dyn.target_compression, dyn.kappa, T=dyn.T, rebalance=dyn.rebalance,
-                             min_alive=dyn.min_alive, exclude=dyn.exclude, chunk=c.chunk, compensate=dyn.compensate)
-        log(f"DynSNN: κ={res.kappa:.4g}, compression {100 * res.compression:.2f}%, units removed "
-            f"{100 * res.units_removed:.1f}%, alive {res.alive} ({time.time() - t2:.0f} s)")
-        pr_acc = accuracy_vs_T(snn, test, c.Ts, chunk=c.chunk)
+        if dyn.when == "train":
+            names = snn.if_neurons()
+            unknown = set(dyn.exclude) - set(names)
+            if unknown:
+                raise ValueError(f"dynsnn.exclude names no IF layer: {sorted(unknown)}; IF layers are {names}")
+            ft = copy.deepcopy(ann)
+            groups = ann_units(ft)
+            excl = [g.relu for g, n in zip(groups, names) if n in dyn.exclude]
+            log(f"DynSNN while the ANN trains: {dyn.finetune_epochs} fine-tune epochs (lr {dyn.finetune_lr}), "
+                f"target {dyn.target_compression} ramped over {dyn.ramp:.0%} of them")
+            fres = train_ann_fading(ft, train, dyn.finetune_epochs, dyn.target_compression, lr=dyn.finetune_lr,
+                                    optimizer=cfg.ann.optimizer, ramp=dyn.ramp, beta=dyn.beta,
+                                    update_every=dyn.update_every, min_alive=dyn.min_alive, exclude=excl,
+                                    weight_decay=cfg.ann.weight_decay, momentum=cfg.ann.momentum,
+                                    max_steps_per_epoch=cfg.ann.max_steps_per_epoch, log=log)
+            ft_acc = evaluate_ann(ft, test)
+            log(f"fine-tuned masked ANN test accuracy {100 * ft_acc:.2f}% (dense ANN {100 * ann_acc:.2f}%)")
+            ffolded = fold_bn(ft)
+            flam = calibrate(ffolded, calib, c.method, c.percentile)
+            psnn = to_snn(ffolded, flam, T=dyn.T, v_init=c.v_init, calibration=cal)
+            engine, comp = mask_converted(psnn, [fres.masks.get(g.relu) for g in groups])
+            alive = {n: int(engine.unit_mask(n).sum()) for n in engine.unit_masks()}
+            units = {n: engine.unit_mask(n).numel() for n in engine.unit_masks()}
+            summary = {"when": "train", "kappa": fres.kappa, "compression": comp, "ann_compression": fres.compression,
+                       "units_removed": sum(units[n] - alive[n] for n in units) / max(1, sum(
+                           engine.group(n).units for n in names)),
+                       "alive": alive, "units": units, "finetuned_ann_accuracy": ft_acc,
+                       "finetune_epochs": dyn.finetune_epochs, "finetune_lr": dyn.finetune_lr, "ramp": dyn.ramp,
+                       "beta": dyn.beta, "update_every": dyn.update_every, "lambdas": list(flam.values()),
+                       "history": fres.history}
+            res_kappa, res_comp = fres.kappa, comp
+        else:
+            dcalib = _subset_loader(train, dyn.calib_samples, d.eval_batch_size)
+            res = dynsnn_convert(snn, dcalib, dyn.target_compression, dyn.kappa, T=dyn.T, rebalance=dyn.rebalance,
+                                 min_alive=dyn.min_alive, exclude=dyn.exclude, chunk=c.chunk,
+                                 compensate=dyn.compensate)
+            psnn, alive = snn, res.alive
+            summary = {"when": "post", **res.summary(), "rebalance": dyn.rebalance, "compensate": dyn.compensate,
+                       "calib_samples": dyn.calib_samples}
+            res_kappa, res_comp = res.kappa, res.compression
+        log(f"DynSNN: κ={res_kappa:.4g}, compression {100 * res_comp:.2f}%, alive {alive} "
+            f"({time.time() - t2:.0f} s)")
+        pr_acc = accuracy_vs_T(psnn, test, c.Ts, chunk=c.chunk)
         log("DynSNN SNN: " + ", ".join(f"T={t}: {100 * a:.2f}%" for t, a in pr_acc.items()))
-        pr_m = measure(snn, test, max_batches=cfg.measure_batches)
-        curves[f"DynSNN ({100 * res.compression:.1f}% compression)"] = [pr_acc[t] for t in Ts]
+        pr_m = measure(psnn, test, **mkw)
+        curves[f"DynSNN ({100 * res_comp:.1f}% compression)"] = [pr_acc[t] for t in Ts]
         for r in rows:
             r["dynsnn_acc"] = pr_acc[r["T"]]
             r["dynsnn_minus_snn"] = pr_acc[r["T"]] - snn_acc[r["T"]]
-        results["dynsnn"] = {**res.summary(), "T": dyn.T, "target_compression": dyn.target_compression,
-                             "rebalance": dyn.rebalance, "compensate": dyn.compensate,
-                             "exclude": list(dyn.exclude), "calib_samples": dyn.calib_samples,
+        results["dynsnn"] = {**summary, "T": dyn.T, "target_compression": dyn.target_compression,
+                             "exclude": list(dyn.exclude),
                              "accuracy": {str(t): a for t, a in pr_acc.items()},
                              "measure_compression": 1 - pr_m.connectivity,
                              "measure_dense": dense_m.summary(), "measure": pr_m.summary()}
         (rd / "dynsnn_measure.md").write_text(f"## converted SNN, T={dyn.T}\n\n{dense_m.table()}\n\n"
                                               f"## DynSNN on the converted SNN, T={dyn.T}\n\n{pr_m.table()}\n")
-        torch.save(snn.state_dict(), rd / "snn_dynsnn.pt")
+        torch.save(psnn.state_dict(), rd / "snn_dynsnn.pt")
     results["rows"] = rows
     title = f"{cfg.model.name} on {d.name}: ANN→SNN ({c.method}" + \
         (f" {c.percentile}" if c.method == "percentile" else "") + ")"
