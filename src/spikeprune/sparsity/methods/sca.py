@@ -15,11 +15,12 @@ Two variants (``mode``):
   zeroed after every optimizer step, so its BN output is exactly 0 and its neurons never fire. Regrowth ranks
   channels by ``|∂L/∂γ_c|`` summed over the epoch's steps (``regrow_score: bn_grad``). For a pruned channel this is
   taken *as if it were alive*: each pruned channel holds the filter it would be regrown with (``regrow_init:
-  reinit``: a fresh Kaiming-uniform draw, as ``nn.Conv2d`` initialises, redrawn at each update), the forward adds
-  ``(γ̃_c − γ̃_c)·x̂̃_c`` to the channel's BN output (exactly zero, so the network computes the same), where ``x̂̃_c``
-  is that filter's output normalised with its batch statistics, and the backward hands ``γ̃_c`` the gradient
-  ``Σ δ_c x̂̃_c`` with ``δ_c`` the true gradient at the channel's BN output (its neurons' surrogate gradient is
-  non-zero at rest, and the consumers still hold their columns). A regrown channel starts from that filter with
+  reinit``: a fresh Kaiming-uniform draw, as ``nn.Conv2d`` initialises, redrawn at each update); a probe computes
+  that filter's output on the conv's input, normalised with its batch statistics (``x̂̃_c``), and a gradient hook
+  on the BN output forms ``Σ δ_c x̂̃_c``, with ``δ_c`` the true gradient at the channel's BN output (its neurons'
+  surrogate gradient is non-zero at rest, and the consumers still hold their columns). That is exactly the
+  ``∂L/∂γ_c`` the channel would get alive with that filter and ``γ_c = β_c = 0`` (which computes the same
+  network); the forward is not touched. A regrown channel starts from that filter with
   ``γ = 1, β = 0`` and fresh running statistics (``regrow_init: zero``: the filter starts at 0 instead).
   Channels tied by a residual add (``residual: true``; ResNet19's stem and block outputs of a stage, their
   downsample shortcuts) form one group: a channel of the group is pruned in every producer of the group at once,
@@ -285,18 +286,20 @@ class SCA(Method):
     def _bn_hook(self, tie: ChannelTie, p: str):
         def hook(mod, inputs, out):
             got = self._probe.pop(p, None)
-            if got is None or not self._probing(mod):
+            if got is None or not self._probing(mod) or not out.requires_grad:
                 return None
             idx, z, lead = got
             with torch.no_grad():
                 mean = z.mean((0, 2, 3), keepdim=True)
                 var = z.var((0, 2, 3), unbiased=False, keepdim=True)
                 xhat = (z - mean) / torch.sqrt(var + mod.eps)
-            g = torch.zeros(idx.numel(), device=out.device, dtype=out.dtype, requires_grad=True)
-            g.register_hook(lambda grad: self._add_probe_grad(tie.name, idx, grad))
-            delta = (g - g.detach()).view(1, -1, 1, 1) * xhat.to(out.dtype)  # exactly 0: the forward is unchanged
-            ch = out.dim() - 3
-            return out.index_add(ch, idx, delta.reshape(*out.shape[:ch], idx.numel(), *out.shape[-2:]))
+
+            def on_grad(grad: torch.Tensor) -> None:  # δ at the BN output: ∂L/∂γ̃_c = Σ δ_c · x̂̃_c
+                d = grad.detach().reshape(-1, *grad.shape[-3:]).index_select(1, idx)
+                self._add_probe_grad(tie.name, idx, (d * xhat.to(d.dtype)).sum((0, 2, 3)))
+
+            out.register_hook(on_grad)
+            return None
         return hook
 
     def _add_probe_grad(self, tie: str, idx: torch.Tensor, grad: torch.Tensor) -> None:
