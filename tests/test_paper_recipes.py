@@ -335,4 +335,9 @@ def test_cli_lists_and_runs_a_row(data_root, tmp_path, monkeypatch, capsys):
     assert re.search(r"ours:  \d+\.\d\d% at \d+\.\d% compression", out)
     assert "difference (ours - paper)" in out
     assert main(args) == 2, "a run directory holding a run needs --overwrite"
-    assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    # on another dataset (the generated IDX files serve as Fashion-MNIST too) no difference to the paper is taken
+    assert main(args + ["--overwrite", "--set", "data.name=fashion_mnist"]) == 0
+    out = capsys.readouterr().out
+    assert "ours is on fashion_mnist, the paper's on mnist" in out and "difference (ours - paper)" not in out
+    assert "overrides: " in out and "data.name=fashion_mnist" in out

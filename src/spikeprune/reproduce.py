@@ -177,8 +177,10 @@ def run(row_id: str, overrides: Sequence[str] = (), overwrite: bool = False, roo
         trainer = Trainer(cfg, log=log) if log is not None else Trainer(cfg)
         trainer.fit(overwrite=overwrite)
         results = json.loads((cfg.run_dir / "results.json").read_text())
-    return {"row": row, "ours": ours(row, results), "results": results,
-            "dense": _dense_accuracy(row, cfg, root)}
+    recipe_data = load(row, (), root).data.name
+    return {"row": row, "ours": ours(row, results), "results": results, "dense": _dense_accuracy(row, cfg, root),
+            "dataset": cfg.data.name, "recipe_dataset": recipe_data,
+            "overrides": [o for o in overrides if not o.startswith(("data.root=", "out_dir="))]}
 
 
 def ours(row: Row, results: dict) -> dict:
@@ -235,7 +237,13 @@ def comparison(outcome: dict) -> str:
     elif "connectivity" in o:
         ours_txt += f" at {o['connectivity']:.2f}% connectivity"
     lines.append(f"  ours:  {ours_txt}")
-    if row.accuracy is not None and acc is not None:
+    other_data = outcome.get("dataset", outcome.get("recipe_dataset")) != outcome.get("recipe_dataset")
+    if outcome.get("overrides"):
+        lines.append(f"  overrides: {' '.join(outcome['overrides'])}")
+    if other_data:
+        lines.append(f"  ours is on {outcome['dataset']}, the paper's on {outcome['recipe_dataset']}: "
+                     "no difference is taken")
+    elif row.accuracy is not None and acc is not None:
         lines.append(f"  difference (ours - paper): {acc - row.accuracy:+.2f} points")
     if outcome.get("dense") is not None and acc is not None:
         lines.append(f"  Δ vs our dense run ({row.dense}): {acc - outcome['dense']:+.2f} points")
