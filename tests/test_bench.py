@@ -145,8 +145,9 @@ def test_cli_bench_dry_run_lists_cells(capsys, tmp_path):
     # 14 labels x 3 targets x 3 seeds, two ablations at 2% x 3 seeds, dense x 3
     assert "135 cells: 0 done, 135 to train" in out and not (tmp_path / "bench").exists()
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
-    assert lines[0].split()[1] == "dense_s0" and lines[1].split()[1] == "pq_rewire_d5_s0"  # seed 0 of all first
-    assert lines[45].split()[1] == "dense_s1"
+    assert lines[0].split()[1] == "dense_s0" and lines[1].split()[1] == "pq_rewire_d5_s0"  # seed 0 of tier 1 first
+    assert lines[13].split()[1] == "dense_s1"  # tier 1 (dense, pq, dynsnn, gmp, lamp) seed by seed
+    assert lines[39].split()[1] == "magnitude_oneshot_d5_s0" and lines[-1].split()[1] == "lth_d1_s2"
     assert cli_main(["bench", "--config", str(src), "--dry-run", "--only", "rigl,dense"]) == 0
     assert "12 cells" in capsys.readouterr().out
     assert cli_main(["bench", "--config", str(src), "--dry-run", "--only", "rigl,dense", "--shard", "2/5"]) == 0

@@ -116,6 +116,11 @@ def test_shards_partition_the_grid_in_seed_order(tmp_path):
             B.parse_shard(bad)
     with pytest.raises(ConfigError, match="'seeds'"):
         from_dict(B.BenchConfig, {"recipe": TINY, "seeds": [0, 0], "methods": []})
+    # tiers: every seed of tier 1 (with dense) before any cell of tier 2
+    bench.methods[0].tier = 2
+    tiered = [c.name for c in B.cells(bench, tmp_path)]
+    assert tiered[:5] == ["dense_s0", "lamp_d50_s0", "lamp_d25_s0", "pq_d50_s0", "pq_d25_s0"]
+    assert tiered[5] == "dense_s1" and tiered[10:] == ["gmp_d50_s0", "gmp_d25_s0", "gmp_d50_s1", "gmp_d25_s1"]
 
 
 def test_shards_train_their_cells_and_report_the_whole_grid(tmp_path):

@@ -6,7 +6,8 @@ densities, the seeds and the methods; each method maps the target to its own opt
 cell is an ordinary run in ``OUT/runs/<method>_d<pct>_s<seed>``; a cell is finished when its run directory holds
 ``results.json``, so a second invocation skips it (a cell with checkpoints but no results resumes). Cells run seed
 by seed (``order: seed``: every method's seed 0, then seed 1, ...), so a grid stopped halfway already holds complete
-seeds, the pairs a paired comparison needs; ``--only`` and ``--shard K/N`` run a slice (several processes or days),
+seeds, the pairs a paired comparison needs (``tier: 2`` on a method puts all its seeds after every seed of tier 1);
+``--only`` and ``--shard K/N`` run a slice (several processes or days),
 and every invocation's report reads every finished cell of the whole grid.
 
 All numbers come from each run's own final measurement (connectivity from the weights, effective SOPs). A cell is
@@ -55,6 +56,7 @@ class BenchMethod:
     densities: list[float] | None = None  # only these targets (null: all of the bench's)
     measure: Literal["connectivity", "channels"] = "connectivity"  # what the target is checked against
     compact: bool = False  # after training, compact the network and time it (structured methods)
+    tier: int = 1  # order: seed runs tier by tier (every seed of tier 1, then of tier 2 ...); dense is in the first
 
     def validate(self, key: str) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name)), f"{key}.name",
@@ -176,9 +178,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def cells(bench: BenchConfig, root: Path = Path("."), overrides: list[str] | None = None,
           only: list[str] | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
-    """Every cell of the grid with its validated run config. ``order: seed`` (default): for each seed, the dense
-    cell then every method (in the bench's order) at every target; ``order: method``: dense cells first, then method
-    by method. ``only`` keeps the named labels; ``shard=(K, N)`` then keeps cells ``i`` with ``i % N == K - 1``."""
+    """Every cell of the grid with its validated run config. ``order: seed`` (default): tier by tier (methods'
+    ``tier``, 1 by default), for each seed, the dense cell (first tier) then every method of the tier (in the bench's
+    order) at every target, so the first tier's paired comparison is complete before the others start; ``order:
+    method``: dense cells first, then method by method. ``only`` keeps the named labels; ``shard=(K, N)`` then keeps
+    cells ``i`` with ``i % N == K - 1``."""
     base = _base_recipe(bench, root)
     out_dir = Path(bench.out_dir) / "runs"
 
@@ -189,10 +193,12 @@ def cells(bench: BenchConfig, root: Path = Path("."), overrides: list[str] | Non
     use_dense = bench.dense and (not only or "dense" in only)
     methods = [m for m in bench.methods if not only or m.name in only]
     if bench.order == "seed":
-        for seed in bench.seeds:
-            plan += [(None, None, seed)] if use_dense else []
-            for m in methods:
-                plan += per_method(m, [seed])
+        tiers = sorted({m.tier for m in methods}) or [1]
+        for tier in tiers:
+            for seed in bench.seeds:
+                plan += [(None, None, seed)] if use_dense and tier == tiers[0] else []
+                for m in methods:
+                    plan += per_method(m, [seed]) if m.tier == tier else []
     else:
         plan += [(None, None, s) for s in bench.seeds] if use_dense else []
         for m in methods:
