@@ -279,3 +279,13 @@ def test_hard_sca_in_the_users_loop_and_remove():
     pruner.remove()
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+def test_a_second_method_on_the_pruned_net_starts_from_its_channels():
+    m, st = hard(keep=0.4, regrow=0.0)
+    set_activity(m, {"body.4": ACT3, "body.8": ACT7})
+    m.update()
+    again, _ = hard(st.model, keep=0.4, regrow=0.0)
+    assert {n: v.tolist() for n, v in again.channel_masks.items()} == \
+        {n: v.tolist() for n, v in m.channel_masks.items()}
+    assert again.channel_fraction() == pytest.approx(0.4)

@@ -248,7 +248,7 @@ class SCA(Method):
         self.conv_layers = [p for t in self.ties for p in t.producers if p in self.engine.layers]
         if c.l1 > 0:
             self.engine.dense_grad_hooks.append(self._l1)
-        self.channel_masks = {t.name: torch.ones(t.units, dtype=torch.bool) for t in self.ties}
+        self.channel_masks = {t.name: self._installed_mask(t) for t in self.ties}  # a loaded net keeps its masks
         self.bn_grad: dict[str, torch.Tensor] = {}
         self.candidates: dict[str, torch.Tensor] = {}  # hard: producer -> the filters pruned channels regrow with
         self._probe: dict[str, tuple] = {}  # producer -> (pruned indices, candidate output) of this forward
@@ -256,6 +256,16 @@ class SCA(Method):
         if self.hard:
             self._install_probe(modules)
         self.updates = 0
+
+    def _installed_mask(self, t: ChannelTie) -> torch.Tensor:
+        """The channels a tie has alive now: its unit mask (soft), or the rows its filters keep (hard)."""
+        if not self.hard:
+            return self.engine.unit_mask(t.name).detach().cpu().clone() if t.gated else torch.ones(t.units,
+                                                                                                  dtype=torch.bool)
+        alive = torch.zeros(t.units, dtype=torch.bool)
+        for p in t.producers:
+            alive |= self.engine.mask(p).reshape(t.units, -1).any(1).cpu()
+        return alive
 
     # ------------------------------------------------------------------------------------ hard: the probe
     def _install_probe(self, modules: dict[str, nn.Module]) -> None:
