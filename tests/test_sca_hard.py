@@ -84,6 +84,9 @@ def test_hard_prune_zeroes_filters_and_bn_and_they_stay_zero():
     assert float(seen["body.4"][:, :, ~m.channel_masks["body.4"]].sum()) == 0.0
     assert float(seen["body.4"][:, :, m.channel_masks["body.4"]].sum()) > 0.0
     assert m.channel_fraction() == pytest.approx(0.4)
+    before_close = m.density()
+    m.close_gates()
+    assert before_close == pytest.approx(m.engine.density())  # what measure will count
 
 
 def test_probe_leaves_the_forward_unchanged():

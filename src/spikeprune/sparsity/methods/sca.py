@@ -535,8 +535,23 @@ class SCA(Method):
         kept = sum(int(m.sum()) for m in self.channel_masks.values())
         return kept / max(1, sum(m.numel() for m in self.channel_masks.values()))
 
+    def density(self) -> float:
+        """Fraction of non-zero prunable weights as ``measure`` will count them: in hard mode the pruned channels'
+        consumer columns count as dead already (their gates only close at the end of training)."""
+        if not self.hard:
+            return self.engine.density()
+        eff = self.engine.effective_weights()
+        for t in self.ties:
+            dead = ~self.channel_masks[t.name]
+            if bool(dead.any()):
+                for layer, span in t.consumers:
+                    if layer in eff:
+                        eff[layer][:, dead.to(eff[layer].device).repeat_interleave(span)] = 0
+        nz = sum(int((eff[n] != 0).sum()) for n in self.engine.layers)
+        return nz / max(1, sum(eff[n].numel() for n in self.engine.layers))
+
     def epoch_metrics(self, state: LoopState) -> dict:
-        return {"density": self.engine.density(), "channels_kept": self.channel_fraction()}
+        return {"density": self.density(), "channels_kept": self.channel_fraction()}
 
     def summary(self) -> dict:
         return {"mode": self.cfg.mode,
