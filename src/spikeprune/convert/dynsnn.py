@@ -315,7 +315,7 @@ def fold_fading(ann: torch.nn.Sequential, masks: Mapping[int, torch.Tensor]) -> 
 
 
 def train_ann_fading(ann: torch.nn.Sequential, train_loader, epochs: int, target_compression: float,
-                     lr: float = 3e-4, optimizer: str = "adam", ramp: float = 0.5, beta: float = 0.9,
+                     lr: float = 1e-3, optimizer: str = "adam", ramp: float = 0.3, beta: float = 0.9,
                      update_every: int = 20, min_alive: float = 0.02, exclude: Iterable[int] = (),
                      weight_decay: float = 0.0, momentum: float = 0.9, scheduler: str = "cosine",
                      max_steps_per_epoch: int | None = None, log=print) -> FadingResult:

@@ -86,9 +86,9 @@ class DynSNNConvertConfig:
     # post: mask the converted SNN by its firing rates (no retraining); train: DynSNN on the ANN's ReLUs during a
     # short fine-tune of the trained ANN (threshold found while training, masks frozen after ``ramp``), then convert
     when: Literal["post", "train"] = "post"
-    finetune_epochs: int = 5
-    finetune_lr: float = 3e-4
-    ramp: float = 0.5  # fraction of the fine-tune over which the target compression rises (cubic), then frozen
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-3
+    ramp: float = 0.3  # fraction of the fine-tune over which the target compression rises (cubic), then frozen
     beta: float = 0.9  # EMA factor of the unit activity
     update_every: int = 20  # fine-tune steps between mask updates during the ramp
 
