@@ -190,7 +190,8 @@ def test_paper_recipe_trains_two_steps_on_real_format_data(path, data_root, tmp_
     assert trainer.train_loader.augment.spec == aug_mod.AugmentSpec.parse(base.data.augment)
     trainer.fit()
 
-    assert trainer.global_step == 2 and len(calls) == 2, "augmentation ran on both training batches"
+    # both training steps saw augmented batches (a method may draw more through LoopState.next_batch)
+    assert trainer.global_step == 2 and len(calls) >= 2, "augmentation ran on every training batch"
     info = trainer.info
     step_shape = (2, *info.in_shape) if info.kind == "static" else (2, info.T, *info.in_shape)
     assert all(c == step_shape for c in calls), f"batches of the real shape {step_shape}, got {calls}"
