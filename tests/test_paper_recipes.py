@@ -201,9 +201,6 @@ def test_paper_recipe_trains_two_steps_on_real_format_data(path, data_root, tmp_
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-@pytest.mark.xfail(reason="missing piece: Trainer.final_measurement does not pass cfg.measure.pooled_spikes to "
-                          "measure() yet, so the Shen et al. recipes' `measure.pooled_spikes: sop` is not applied",
-                   strict=False)
 def test_trainer_applies_the_recipes_pooled_spike_rule(data_root, tmp_path, monkeypatch):
     from spikeprune.train import Trainer
 

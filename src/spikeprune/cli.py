@@ -276,7 +276,7 @@ def _dispatch(args) -> int:
         from .measure import measure
 
         r = measure(model, test, max_batches=args.max_batches, pj_per_ac=cfg.measure.pj_per_ac,
-                    pj_per_mac=cfg.measure.pj_per_mac)
+                    pj_per_mac=cfg.measure.pj_per_mac, pooled_spikes=cfg.measure.pooled_spikes)
         if args.json:
             print(json.dumps(r.to_dict(), indent=2))
         else:

@@ -669,7 +669,7 @@ class Trainer:
         engine = getattr(self.method, "engine", None)
         prunable = list(engine.layers) if engine is not None and engine.layers else None
         result = measure(self.model, self.test_loader, self.device, m.max_batches, m.pj_per_ac, m.pj_per_mac,
-                         prunable=prunable, unit_rates=True)
+                         prunable=prunable, unit_rates=True, pooled_spikes=m.pooled_spikes)
         err = None
         if write and dist.is_main():
             out = {"name": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.data.name,
