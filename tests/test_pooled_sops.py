@@ -75,3 +75,19 @@ def test_config_field():
         from_dict(MeasureConfig, {"pooled_spikes": "ops"})
     with pytest.raises(ValueError, match="pooled_spikes"):
         measure(_net(), _data(), layout="TB", pooled_spikes="ops")
+
+
+def test_pooled_spikes_survive_a_copying_flatten():
+    """LeNet's second pool runs channels-last, so the flatten before FC1 copies: its input is still pooled spikes."""
+    from spikeprune.convert import calibrate, make_ann, to_snn
+
+    torch.manual_seed(0)
+    ann = make_ann("lenet5", image_size=16)
+    x = torch.rand(8, 1, 16, 16)
+    data = [(x, torch.zeros(8, dtype=torch.long))]
+    snn = to_snn(ann, calibrate(ann, data, "max"), T=4)
+    r = measure(snn, data, pooled_spikes="sop")
+    assert [(l.name, l.input) for l in r.layers] == [
+        ("body.0", "analog"), ("body.4", "pooled spikes"), ("body.8", "pooled spikes"), ("body.10", "spikes"),
+        ("body.12", "spikes")]
+    assert r.macs == r.layers[0].macs and r.other_rule["macs"] > r.macs

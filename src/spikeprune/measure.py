@@ -176,6 +176,11 @@ LAYOUTS = ("B", "TB")
 POOLED_RULES = {"mac": "average-pooled spikes into a layer count as MACs, NeuroBench's rule",
                 "sop": "average-pooled spikes into a layer count as synaptic events, sum of x * fan-out (UPR)"}
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_RESHAPES = (nn.Flatten, nn.Dropout, nn.Identity)  # keep pooled values (a flatten of channels-last data copies them)
+
+
+def _reshape_module(m: nn.Module) -> bool:
+    return isinstance(m, _RESHAPES) or type(m).__name__ in ("Flatten", "Dropout")
 
 
 def _storage(x: torch.Tensor) -> int:
@@ -276,6 +281,10 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
         if torch.is_tensor(out) and bool(((x == 0) | (x == 1)).all()):
             pooled_out.add(_storage(out))
 
+    def reshape_hook(mod, inputs, out):  # pooled spikes stay pooled through a flatten (even when it copies)
+        if torch.is_tensor(out) and inputs and torch.is_tensor(inputs[0]) and _storage(inputs[0]) in pooled_out:
+            pooled_out.add(_storage(out))
+
     def syn_hook(name):
         def hook(mod, inputs):
             x = inputs[0].detach().float()
@@ -320,6 +329,8 @@ def measure(model: nn.Module, loader, device: str | torch.device | None = None, 
     for n, m in modules.items():
         if isinstance(m, _AVG_POOLS):
             hooks.append(m.register_forward_hook(pool_hook))
+        elif _reshape_module(m):
+            hooks.append(m.register_forward_hook(reshape_hook))
         if isinstance(m, SYNAPTIC):
             hooks.append(m.register_forward_pre_hook(syn_hook(n)))
         elif is_neuron(m):
