@@ -77,6 +77,11 @@ def test_paired_comparison_against_the_best_on_target_baseline():
     assert not dyn["real"] and dyn["lo"] < 0 < dyn["hi"] and "not resolved" in dyn["verdict"]
     md = B.paired_markdown(rows)
     assert "| 2 | pq_rewire | gmp | 3 | +1.00, +0.90, +1.10 | +1.00 |" in md and "**real: core better**" in md
+    # two seeds: the interval is shown, a difference is not claimed
+    two = [r for r in rows if r["seed"] < 2]
+    pq2 = next(p for p in B.paired(two) if p["method"] == "pq_rewire")
+    assert pq2["lo"] > 0 and not pq2["real"] and pq2["verdict"] == "not claimed: 2 seeds < 3"
+    assert B.paired(two, min_seeds=2)[0]["real"]
     # one seed: no interval
     one = [r for r in rows if r["seed"] == 0]
     assert B.paired(one)[0]["verdict"] == "n/a (one seed)" and not B.paired(one)[0]["real"]

@@ -83,6 +83,7 @@ class BenchConfig:
     order: Literal["seed", "method"] = "seed"  # seed: seed 0 of every method first, then seed 1 ...
     tolerance: float = 0.02  # on target: |measured - target| <= min(tolerance, relative_tolerance * target)
     relative_tolerance: float = 0.2
+    min_seeds: int = 3  # a paired difference is called real only with at least this many seed pairs
     core: list[str] = field(default_factory=lambda: list(CORE_METHODS))  # method names compared with baselines
 
     def validate(self, key: str) -> None:
@@ -556,9 +557,12 @@ def standing(rows: list[dict], core: tuple[str, ...] = CORE_METHODS) -> str:
     return "\n".join(lines)
 
 
-def paired(rows: list[dict], core: tuple[str, ...] = CORE_METHODS, level: float = 0.95) -> list[dict]:
+def paired(rows: list[dict], core: tuple[str, ...] = CORE_METHODS, level: float = 0.95,
+           min_seeds: int = 3) -> list[dict]:
     """Each core method against the best baseline at each target, paired by seed: the per-seed accuracy differences
-    (core − baseline, both cells on target), their mean and ``level`` t interval, and whether it excludes 0."""
+    (core − baseline, both cells on target), their mean and ``level`` t interval, and whether it excludes 0 (a
+    difference is only called real with at least ``min_seeds`` pairs; with fewer the interval is shown, not
+    claimed)."""
     best = best_baselines(rows, core)
     acc = {(r["method"], r["target_density"], r["seed"]): r["accuracy"] for r in rows if r["on_target"]}
     out = []
@@ -570,19 +574,21 @@ def paired(rows: list[dict], core: tuple[str, ...] = CORE_METHODS, level: float 
                 continue
             diffs = [acc[(m, d, s)] - acc[(bm, d, s)] for s in seeds]
             mean, lo, hi = paired_interval(diffs, level)
-            real = not math.isnan(lo) and (lo > 0 or hi < 0)
+            excludes = not math.isnan(lo) and (lo > 0 or hi < 0)
+            real = excludes and len(seeds) >= min_seeds
             out.append({"target": d, "method": m, "baseline": bm, "seeds": seeds, "diffs": diffs, "mean": mean,
                         "lo": lo, "hi": hi, "real": real,
                         "verdict": ("n/a (one seed)" if math.isnan(lo) else
                                     ("real: core better" if lo > 0 else "real: core worse") if real else
+                                    f"not claimed: {len(seeds)} seeds < {min_seeds}" if excludes else
                                     "not resolved (interval holds 0)")})
     return out
 
 
-def paired_markdown(rows: list[dict], core: tuple[str, ...] = CORE_METHODS) -> str:
+def paired_markdown(rows: list[dict], core: tuple[str, ...] = CORE_METHODS, min_seeds: int = 3) -> str:
     lines = ["| target % | core method | best baseline | seeds paired | Δ acc. per seed (pts) | mean Δ (pts) | "
              "95% interval (pts) | difference |", "|---:|---|---|---:|---|---:|---:|---|"]
-    for p in paired(rows, core):
+    for p in paired(rows, core, min_seeds=min_seeds):
         ci = "—" if math.isnan(p["lo"]) else f"[{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]"
         lines.append(f"| {100 * p['target']:g} | {p['method']} | {p['baseline']} | {len(p['seeds'])} | "
                      f"{', '.join(f'{100 * x:+.2f}' for x in p['diffs'])} | {100 * p['mean']:+.2f} | {ci} | "
@@ -611,9 +617,10 @@ def write_report(bench: BenchConfig, grid: list[Cell], out: Path, header: str = 
                  "Best baseline: the non-core method with the highest mean accuracy over its seeds on target. "
                  "Paired by seed: Δ = core − baseline accuracy of the same seed; the interval is the mean Δ ± "
                  "t(0.975, n−1) · sd/√n over the n paired seeds. A difference is **real** only when the interval "
-                 "excludes 0. (The best baseline is picked on the same runs, which favours it: a real win of a core "
+                 f"excludes 0 and at least {bench.min_seeds} seeds are paired. (The best baseline is picked on "
+                 "the same runs, which favours it: a real win of a core "
                  "method is conservative, a real loss slightly overstated.)\n\n"
-                 f"{paired_markdown(rows, core)}\n\n"
+                 f"{paired_markdown(rows, core, bench.min_seeds)}\n\n"
                  "Means (SOPs vs best: the core method's effective SOPs over the baseline's):\n\n"
                  f"{standing(rows, core)}\n")
     (out / "results.md").write_text(text)
