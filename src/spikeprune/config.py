@@ -140,15 +140,13 @@ class MeasureConfig:
 
 
 @dataclass
-class RunConfig:
+class RunBase:
+    """What every run recipe starts with (training, conversion): a plain name, the directory it writes below
+    (``out_dir/name``) and its seed."""
+
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    measure: MeasureConfig = field(default_factory=MeasureConfig)
-    method: dict | None = None  # {"name": "pq_rewire", ...options}; None trains densely
 
     def validate(self, key: str = "") -> None:
         try:
@@ -157,6 +155,22 @@ class RunConfig:
             raise ConfigError(f"config key 'name' {e}") from None
         _check(bool(self.out_dir), "out_dir", "must not be empty")
         _check(abs(self.seed) < 2**63, "seed", f"must fit in 64 bits, got {self.seed}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class RunConfig(RunBase):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    method: dict | None = None  # {"name": "pq_rewire", ...options}; None trains densely
+
+    def validate(self, key: str = "") -> None:
+        super().validate(key)
         if self.method is not None:
             _finite(self.method, "method")
             if "name" not in self.method:
@@ -164,10 +178,6 @@ class RunConfig:
             from .sparsity.methods import method_config
 
             method_config(self.method)  # raises ConfigError naming the bad option
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -116,6 +116,16 @@ def evaluate_ann(ann: nn.Module, loader, max_batches: int | None = None) -> floa
     return correct / max(1, n)
 
 
+def ann_optimizer(ann: nn.Module, optimizer: str, lr: float, weight_decay: float = 0.0,
+                  momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The ANN's optimizer: ``adam`` or ``sgd`` (with ``momentum``)."""
+    if optimizer == "adam":
+        return torch.optim.Adam(ann.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(ann.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+
+
 def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, lr: float = 1e-3,
               optimizer: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9, scheduler: str = "cosine",
               max_steps_per_epoch: int | None = None, log: Callable[[str], None] | None = print,
@@ -155,12 +165,7 @@ def train_ann(ann: nn.Module, train_loader, test_loader=None, epochs: int = 10, 
         raise ValueError(f"penalty_layers must be ReLU ordinals in [0, {len(relus)}), got {list(chosen)}")
     handles = [relus[i].register_forward_hook(penalty_hook) for i in chosen] \
         if activity_l1 > 0 or unit_hoyer > 0 else []
-    if optimizer == "adam":
-        opt = torch.optim.Adam(ann.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(ann.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    opt = ann_optimizer(ann, optimizer, lr, weight_decay, momentum)
     steps = len(train_loader) if max_steps_per_epoch is None else min(len(train_loader), max_steps_per_epoch)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps)) if scheduler == "cosine"
              else None)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from .ann import ann_optimizer
 from .snn import ConvertedSNN, _activity, _compensate, calibrate, set_lambdas, snn_to_ann
 
 
@@ -32,6 +33,26 @@ class DynSNNConvertResult:
         d.pop("engine")
         d.pop("rates")
         return d
+
+
+def smallest_kappa(compression: Callable[[float], float], target: float, start: float, rtol: float,
+                   iters: int) -> float | None:
+    """The smallest κ (to ``rtol``) whose fading-unit masks reach ``target`` compression: doubling from ``start``
+    until it is reached (``None`` if never, up to 2^20), then bisection. ``compression`` may set masks as it goes."""
+    lo, hi = 0.0, start
+    while compression(hi) < target:
+        if hi >= 2.0 ** 20:
+            return None
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if compression(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < rtol * hi:
+            break
+    return hi
 
 
 def _fading_masks(rates: dict[str, torch.Tensor], kappa: float, min_alive: float) -> dict[str, torch.Tensor]:
@@ -95,21 +116,10 @@ def dynsnn_convert(snn: ConvertedSNN, calib_loader, target_compression: float | 
     if target_compression is None:
         comp = apply(kappa)
     else:
-        lo, hi = 0.0, max(kappa, 1e-3)
-        while apply(hi) < target_compression and hi < 1e6:
-            lo, hi = hi, hi * 2
-        if apply(hi) < target_compression:
+        kappa = smallest_kappa(apply, target_compression, max(kappa, 1e-3), 1e-6, 50)
+        if kappa is None:
             raise ValueError(f"target_compression {target_compression} cannot be reached (min_alive={min_alive}, "
-                             f"excluded {sorted(excluded)}): at most {apply(hi):.3f}")
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            if apply(mid) >= target_compression:
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo < 1e-6 * hi:
-                break
-        kappa = hi
+                             f"excluded {sorted(excluded)}): at most {apply(2.0 ** 20):.3f}")
         comp = apply(kappa)
     if compensate:
         _compensate(snn, engine, names, means)
@@ -271,17 +281,9 @@ class FadingUnits:
         def comp(k: float) -> float:
             return self.compression(_fading_masks(rates, k, self.min_alive))
 
-        lo, hi = 0.0, 1.0
-        while comp(hi) < target and hi < 1e6:
-            lo, hi = hi, hi * 2
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if comp(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo < 1e-5 * hi:
-                break
+        hi = smallest_kappa(comp, target, 1.0, 1e-5, 40)
+        if hi is None:  # unreachable (min_alive): as far as κ goes
+            hi = 2.0 ** 20
         self.kappa = hi
         self.masks = _fading_masks(rates, hi, self.min_alive)
         return self.compression()
@@ -332,12 +334,7 @@ def train_ann_fading(ann: torch.nn.Sequential, train_loader, epochs: int, target
                          f"{ramp=}, {update_every=}, {beta=}")
     fading = FadingUnits(ann, exclude, beta, min_alive)
     dev = next(ann.parameters()).device
-    if optimizer == "adam":
-        opt = torch.optim.Adam(ann.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(ann.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    opt = ann_optimizer(ann, optimizer, lr, weight_decay, momentum)
     steps = len(train_loader) if max_steps_per_epoch is None else min(len(train_loader), max_steps_per_epoch)
     total = max(1, epochs * steps)
     ramp_steps = max(1, math.ceil(ramp * total))

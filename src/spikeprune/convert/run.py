@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, RunBase
 from .ann import evaluate_ann, fold_bn, make_ann, train_ann
 from .dynsnn import ann_units, dynsnn_convert, mask_converted, train_ann_fading
 from .snn import accuracy_vs_T, calibrate, to_snn
@@ -111,10 +111,8 @@ class DynSNNConvertConfig:
 
 
 @dataclass
-class ConvertRunConfig:
+class ConvertRunConfig(RunBase):
     name: str = "convert"
-    seed: int = 0
-    out_dir: str = "runs"
     model: ConvModelConfig = field(default_factory=ConvModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ann: ANNTrainConfig = field(default_factory=ANNTrainConfig)
@@ -123,20 +121,11 @@ class ConvertRunConfig:
     measure_batches: int | None = None  # measure() on the first N test batches (None: all)
     measure_pooled_spikes: Literal["mac", "sop"] = "mac"  # measure(pooled_spikes=...): pooled spikes as MACs or SOPs
 
-    def validate(self, key: str) -> None:
-        from ..config import ConfigError, _check
-        from ..runs import check_name
+    def validate(self, key: str = "") -> None:
+        from ..config import _check
 
-        try:
-            check_name(self.name)
-        except ValueError as e:
-            raise ConfigError(f"config key 'name' {e}") from None
-        _check(bool(self.out_dir), "out_dir", "must not be empty")
+        super().validate(key)
         _check(self.measure_batches is None or self.measure_batches >= 1, "measure_batches", "must be >= 1 or null")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
 
 def load_convert_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ConvertRunConfig:
