@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from .schema import check as _check
 
 CORE_METHODS = ("dynsnn", "pq_rewire", "sca")
 TARGET_TOLERANCE = 0.02  # a cell is on target within 2 points of the requested connectivity ...
@@ -104,11 +105,6 @@ class BenchConfig:
                 _check(d in self.densities, f"{k}methods[{i}].densities", f"{d} is not one of densities")
                 _check((m.name, d) not in seen, f"{k}methods[{i}]", f"repeats {m.name!r} at density {d}")
                 seen.add((m.name, d))
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' {msg}")
 
 
 @dataclass
