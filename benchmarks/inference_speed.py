@@ -81,7 +81,7 @@ def batches_of(x: torch.Tensor, batch: int, count: int) -> list[torch.Tensor]:
 def load_run(run_dir: str) -> tuple[nn.Module, nn.Module]:
     """A finished run's model with its masks (``config.json`` + ``model.pt``), and a fresh dense model of the
     same configuration (no masks)."""
-    from spikeprune.cli import run_model
+    from spikeprune.runs import run_model
 
     rd = Path(run_dir)
     cfg = from_dict(RunConfig, json.loads((rd / "config.json").read_text()))

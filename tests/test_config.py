@@ -329,8 +329,8 @@ def test_every_config_section_is_a_dataclass():
 def test_reuse_ignores_settings_that_cannot_change_results(tmp_path):
     import json
 
-    from spikeprune.cli import _finished_with
     from spikeprune.config import RunConfig, from_dict, to_dict
+    from spikeprune.runs import finished_with as _finished_with
 
     cfg = from_dict(RunConfig, {"name": "r", "out_dir": str(tmp_path), "train": {"epochs": 3}})
     cfg.run_dir.mkdir(parents=True)

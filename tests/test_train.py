@@ -368,7 +368,8 @@ def test_disk_full_stops_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 
 
 def test_cli_compact_times_a_folded_full_width_reference(tmp_path, capsys):
-    from spikeprune.cli import _load_run, run_model
+    from spikeprune.runs import load_run as _load_run
+    from spikeprune.runs import run_model
 
     path = write(tmp_path, recipe(tmp_path / "runs", name="sca", model=CONVNET, method=SCA))
     assert main(["train", "--config", str(path), "--set", "train.epochs=2"]) == 0

@@ -7,19 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-# loading runs lives in spikeprune.runs; these names stay importable from here (imported lazily: `--help` and
-# `--version` must not wait for torch)
-_FROM_RUNS = {"_load_run": "load_run", "run_model": "run_model", "load_masked_state": "load_masked_state",
-              "provenance": "provenance", "_finished_with": "finished_with"}
-
-
-def __getattr__(name: str):
-    if name in _FROM_RUNS:
-        from . import runs
-
-        return getattr(runs, _FROM_RUNS[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 HELP = """Learn the sparse structure of spiking neural networks during training.
 
 commands:

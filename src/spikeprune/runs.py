@@ -154,9 +154,11 @@ def run_model(run_dir: str | Path, cfg=None, fold: bool = False, warn=None):
     info, m = dataset_info(cfg.data.name, **cfg.data.options), cfg.model
     model = create_model(m.name, num_classes=info.num_classes, in_channels=info.in_shape[-3], T=m.T,
                          neuron=m.neuron, encoding=m.encoding, **m.options)
+    from .sparsity.pruned import load_into
+
     state = ckpt.load_model(rd / "model.pt", warn=warn if warn is not None else _stderr)
     try:
-        engine = load_masked_state(model, state)
+        engine = load_into(model, state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise RunError(f"{rd / 'model.pt'} does not fit the model in config.json: "
                        f"{str(e).splitlines()[0][:200]}") from None
@@ -174,14 +176,6 @@ def load_run(run_dir: str | Path, data_root: str | None = None):
     _, _, test, _ = build_loaders(d.name, root=data_root or d.root, batch_size=d.batch_size,
                                   eval_batch_size=d.eval_batch_size, seed=cfg.seed, **d.options)
     return cfg, run_model(run_dir, cfg), test
-
-
-def load_masked_state(model, state: dict, example_input=None):
-    """Load a state dict that may carry ``weight_mask``/``unit_mask`` buffers (re-creating them and the hooks,
-    :func:`spikeprune.load_pruned`). Returns the :class:`MaskEngine` holding them (``None`` for a dense state)."""
-    from .sparsity.pruned import load_into
-
-    return load_into(model, state, example_input)
 
 
 def provenance() -> str:

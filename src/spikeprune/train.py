@@ -534,7 +534,7 @@ class Trainer:
         if dist.is_main():
             try:
                 if resumed:  # the metrics files may hold epochs done after the checkpoint: rewrite them
-                    self._write_metrics(rewrite=True)
+                    self._write_metrics()
                 else:
                     self._clear_previous_run()
                 ckpt.atomic_write(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2).encode())
@@ -701,9 +701,9 @@ class Trainer:
         self.log(" | ".join(parts))
         self._write_metrics()
 
-    def _write_metrics(self, rewrite: bool = False) -> None:
+    def _write_metrics(self) -> None:
         """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from ``history``, each atomically (a crash or a full disk
-        leaves the previous complete files). ``rewrite`` is kept for callers: both files are always whole."""
+        leaves the previous complete files)."""
         keys: list[str] = []
         for h in self.history:
             keys += [k for k in h if k not in keys and not isinstance(h[k], (list, dict))]
