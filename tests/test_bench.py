@@ -48,6 +48,7 @@ def test_bench_grid_rows_resume_and_plots(tmp_path, monkeypatch):
         assert (out / "runs" / r["run"] / "results.json").is_file() and float(r["sops"]) >= 0
     md = (out / "results.md").read_text()
     assert "| gmp | 25 | 1 |" in md and "| dense |  | 1 |" in md
+    assert "\n- measure: pooled_spikes=mac (" in md and "the other rule gives the same figures" in md  # fc3: no pooling
     for name in ("acc_vs_connectivity.png", "acc_vs_sops.png", "layer_density.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -122,7 +123,8 @@ def test_bench_recipes_found_and_documented():
     assert bench.densities == [0.05, 0.02, 0.01] and bench.seeds == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet", "fmnist_convnet_channels"])
+@pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet", "fmnist_convnet_channels", "fmnist_fc3_pq30",
+                                  "fmnist_fc2_dynsnn", "fmnist_convnet_sca_hard30"])
 def test_fmnist_bench_cells_build(name):
     """Every cell of the Fashion-MNIST benches builds its trainer and method (on synthetic data of the same shape)."""
     from spikeprune.train import Trainer

@@ -91,3 +91,29 @@ def test_pooled_spikes_survive_a_copying_flatten():
         ("body.0", "analog"), ("body.4", "pooled spikes"), ("body.8", "pooled spikes"), ("body.10", "spikes"),
         ("body.12", "spikes")]
     assert r.macs == r.layers[0].macs and r.other_rule["macs"] > r.macs
+
+
+def test_results_tables_name_the_rule_and_give_both_figures():
+    """Every results table (train/compare, bench, HTML report) carries the rule line; rows whose figures the other
+    rule changes get those figures beside (here the hand-counted 1.75 SOPs of the test above)."""
+    from spikeprune.measure import rule_note
+    from spikeprune.train import summary_table
+
+    mac = measure(_net(), _data(), layout="TB")
+    plain = measure(nn.Sequential(Flatten(3), Linear(16, 3, bias=False)), _data(), layout="TB")
+    rows = [dict(mac.summary(), name="pooled"), dict(plain.summary(), name="plain")]
+    note = rule_note(rows)
+    assert note.startswith("measure: pooled_spikes=mac (average-pooled spikes into a layer count as MACs")
+    assert note.endswith("Under the other rule: pooled (pooled_spikes=sop): eff. SOPs 2, dense SOPs 6, "
+                         "energy 1.575e-06 µJ")
+    assert "plain" not in note
+    assert rule_note([rows[1]]).endswith("so the other rule gives the same figures")
+    # rows measured before the option existed carry no rule: they were counted under mac
+    assert rule_note([{"name": "old"}]).startswith("measure: pooled_spikes=mac (")
+    # two rules in one table are both named
+    sop = dict(measure(_net(), _data(), layout="TB", pooled_spikes="sop").summary(), name="s")
+    assert rule_note([rows[0], sop]).startswith("measure: pooled_spikes=mac (") and "; pooled_spikes=sop (" in \
+        rule_note([rows[0], sop])
+    assert "s (pooled_spikes=mac): eff. SOPs 0" in rule_note([rows[0], sop])
+    table = summary_table(rows).splitlines()
+    assert table[0] == note and table[1] == "" and table[2].startswith("| run | method |")

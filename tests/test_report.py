@@ -51,6 +51,8 @@ def test_run_report(report):
     linked = re.findall(r"\]\((report_files/[a-z_]+\.png)\)", md)
     assert len(linked) == 4 and all((md_path.parent / p).is_file() for p in linked)
     assert "| layer | kind | input | connectivity |" in md
+    rule = "measure: pooled_spikes=mac (average-pooled spikes into a layer count as MACs"
+    assert rule in md and rule in html
 
 
 def test_report_cli_writes_into_the_run(run_dir):

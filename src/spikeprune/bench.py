@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from .measure import rule_note
 from .schema import check as _check
 
 CORE_METHODS = ("dynsnn", "pq_rewire", "sca")
@@ -414,7 +415,7 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
 COLUMNS = ["method", "method_name", "target_density", "seed", "accuracy", "connectivity", "measured", "on_target",
            "params", "sops", "dense_sops", "macs", "energy_uj", "firing_rate", "neurons_alive", "neurons",
            "train_time_s", "epochs", "compact_dense_macs", "compact_params", "compact_time_s", "folded_time_s",
-           "run"]
+           "pooled_spikes", "run"]
 
 
 def tolerance(target: float, absolute: float = TARGET_TOLERANCE, relative: float = RELATIVE_TOLERANCE) -> float:
@@ -436,7 +437,8 @@ def collect(grid: list[Cell], absolute: float = TARGET_TOLERANCE, relative: floa
             continue
         r = json.loads((c.run_dir / "results.json").read_text())
         row = {**{k: r.get(k) for k in COLUMNS}, "method": c.method, "method_name": r.get("method"),
-               "target_density": c.density, "seed": c.seed, "run": c.name, "layers": r.get("layers", [])}
+               "target_density": c.density, "seed": c.seed, "run": c.name, "layers": r.get("layers", []),
+               "other_rule": r.get("other_rule")}
         kind = c.spec.measure if c.spec is not None else "connectivity"
         row["measured"] = (r.get("method_summary") or {}).get("channel_fraction") if kind == "channels" \
             else r.get("connectivity")
@@ -606,9 +608,10 @@ def write_report(bench: BenchConfig, grid: list[Cell], out: Path, header: str = 
     tol = (f"On target: measured connectivity (channel fraction for `measure: channels`) within "
            f"min({100 * bench.tolerance:g} points, {100 * bench.relative_tolerance:g}% of the target). Means ± "
            "sample standard deviations over the seeds on target.\n\n")
-    text = f"# bench {bench.name}\n\n{header}\n{status}{tol}{markdown(rows)}\n"
+    text = f"# bench {bench.name}\n\n{header}- {rule_note(rows, label='run')}\n\n{status}{tol}{markdown(rows)}\n"
     core = tuple(bench.core)
-    if any(r.get("method_name") in core for r in rows):
+    baselines = any(r.get("method_name") not in (*core, "dense", None) for r in rows)
+    if any(r.get("method_name") in core for r in rows) and baselines:
         text += ("\n## Core methods against the best baseline at each target\n\n"
                  "Best baseline: the non-core method with the highest mean accuracy over its seeds on target. "
                  "Paired by seed: Δ = core − baseline accuracy of the same seed; the interval is the mean Δ ± "

@@ -179,6 +179,21 @@ _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPo
 _RESHAPES = (nn.Flatten, nn.Dropout, nn.Identity)  # keep pooled values (a flatten of channels-last data copies them)
 
 
+def rule_note(rows: list[dict], label: str = "name") -> str:
+    """The line a results table carries: the pooled-spike rule its rows were measured with and, for every row whose
+    figures the other rule would change (``other_rule`` in its summary), those figures, so both can be compared.
+    Rows without ``pooled_spikes`` were measured before the option existed, under ``mac``."""
+    rules = sorted({r.get("pooled_spikes") or "mac" for r in rows}) or ["mac"]
+    line = "measure: " + "; ".join(f"pooled_spikes={k} ({POOLED_RULES[k]})" for k in rules)
+    diff = [r for r in rows if r.get("other_rule")]
+    if not diff:
+        return line + "; no layer here takes average-pooled spikes, so the other rule gives the same figures"
+    parts = [f"{r.get(label) or '?'} (pooled_spikes={r['other_rule']['pooled_spikes']}): eff. SOPs "
+             f"{r['other_rule']['sops']:,.0f}, dense SOPs {r['other_rule']['dense_sops']:,.0f}, energy "
+             f"{r['other_rule']['energy_uj']:.4g} µJ" for r in diff]
+    return line + ". Under the other rule: " + "; ".join(parts)
+
+
 def _reshape_module(m: nn.Module) -> bool:
     return isinstance(m, _RESHAPES) or type(m).__name__ in ("Flatten", "Dropout")
 

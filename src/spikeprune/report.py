@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .measure import rule_note
+
 __all__ = ["write_report", "run_report", "bench_report", "Report", "pareto_front"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -344,6 +346,7 @@ def run_report(run_dir: str | Path) -> Report:
               [[f"{100 * acc:.2f}%" if acc is not None else "-", f"{100 * res.get('connectivity', 0):.2f}%",
                 res.get("params"), res.get("sops"), res.get("dense_sops"), res.get("macs"), res.get("energy_uj"),
                 res.get("firing_rate"), f"{res.get('neurons_alive', 0):,} / {res.get('neurons', 0):,}"]], "r" * 9)
+    rep.p(rule_note([res]))
     if hist:
         rep.h2("Training")
         rep.figure("training", _training_figure(hist), "accuracy per epoch (left axis); connectivity of the "

@@ -182,10 +182,11 @@ def provenance() -> str:
     """Markdown header: the exact command, the machine and the date (for committed results)."""
     import datetime
     import platform
+    import shlex
 
     import torch
 
-    cmd = " ".join(["spikeprune", *sys.argv[1:]])
+    cmd = shlex.join(["spikeprune", *sys.argv[1:]])  # quoted, so it can be pasted back
     cpu = platform.processor() or platform.machine()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .callbacks import Callback
 from .config import RunConfig, jsonable, to_dict
-from .measure import Measurement, measure
+from .measure import Measurement, measure, rule_note
 from .perf import keep_versions
 from .progress import progress_bar
 from .sparsity.loop import LoopState, loop_field
@@ -721,10 +721,11 @@ class Trainer:
 
 
 def summary_table(rows: list[dict], baseline: dict | None = None) -> str:
-    """Markdown results table (accuracy, Δ vs baseline, connectivity, params, effective SOPs, energy, rate)."""
+    """Markdown results table (accuracy, Δ vs baseline, connectivity, params, effective SOPs, energy, rate), under
+    the line naming the pooled-spike rule (:func:`~spikeprune.measure.rule_note`)."""
     head = ("| run | method | acc. % | Δ acc. | conn. % | params | eff. SOPs/sample | dense SOPs | energy µJ | "
             "firing rate | time s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [rule_note(rows), "", head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = "" if baseline is None else f"{100 * (r['accuracy'] - baseline['accuracy']):+.2f}"
         lines.append(f"| {r.get('name', '')} | {r.get('method', '')} | {100 * r['accuracy']:.2f} | {d} | "
