@@ -124,7 +124,7 @@ def test_bench_recipes_found_and_documented():
 
 
 @pytest.mark.parametrize("name", ["fmnist_fc3", "fmnist_convnet", "fmnist_convnet_channels", "fmnist_fc3_pq30",
-                                  "fmnist_fc2_dynsnn", "fmnist_convnet_sca_hard30"])
+                                  "fmnist_fc2_dynsnn", "fmnist_convnet_sca_hard30", "fmnist_fc2_narrow"])
 def test_fmnist_bench_cells_build(name):
     """Every cell of the Fashion-MNIST benches builds its trainer and method (on synthetic data of the same shape)."""
     from spikeprune.train import Trainer

@@ -63,3 +63,13 @@ def test_import_contracts_hold():
     r = subprocess.run([exe, "--config", str(ROOT / ".importlinter")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "0 broken" in r.stdout
+
+
+def test_the_repository_stands_alone():
+    """No shipped file (docs, configs, results, code) points into the design folder outside the repository."""
+    needle = "../" + "shared"
+    hits = [str(p.relative_to(ROOT)) for d in ("src", "docs", "configs", "benchmarks", "README.md")
+            for p in ([ROOT / d] if (ROOT / d).is_file() else (ROOT / d).rglob("*"))
+            if p.is_file() and p.suffix in (".md", ".py", ".yaml", ".yml", ".sh", ".txt", ".csv")
+            and needle in p.read_text(errors="ignore")]
+    assert not hits, f"files citing {needle}: {hits}"
