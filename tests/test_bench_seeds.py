@@ -180,3 +180,14 @@ def test_plots_have_error_bars_from_seeds(tmp_path):
     assert len(paths) == 3 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
     sd = statistics.stdev([87.0, 87.2, 87.4])
     assert sd == pytest.approx(0.2)
+
+
+def test_a_one_seed_baseline_does_not_displace_one_on_every_seed():
+    """In a partial grid a baseline with one (lucky) seed must not become the best baseline over one with all."""
+    rows = grid_rows() + [row("lth", "lth", 0.02, 0.95, 0.02, 0)]
+    assert B.best_baselines(rows, min_seeds=3) == {0.02: ("gmp", pytest.approx(0.872))}
+    assert B.best_baselines(rows)[0.02][0] == "lth"  # min_seeds 1: the highest mean, whatever its seeds
+    assert {p["baseline"] for p in B.paired(rows)} == {"gmp"}  # paired() asks for its own min_seeds (3)
+    # where no baseline has min_seeds, those with the most seeds compete
+    few = [r for r in rows if r["method"] in ("lth", "deep_r", "pq_rewire")]
+    assert B.best_baselines(few, min_seeds=3)[0.02][0] == "deep_r"
