@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from ..sparsity.methods.dynsnn import smallest_kappa
 from .ann import ann_optimizer
 from .snn import ConvertedSNN, _activity, _compensate, calibrate, set_lambdas, snn_to_ann
 
@@ -33,26 +34,6 @@ class DynSNNConvertResult:
         d.pop("engine")
         d.pop("rates")
         return d
-
-
-def smallest_kappa(compression: Callable[[float], float], target: float, start: float, rtol: float,
-                   iters: int) -> float | None:
-    """The smallest κ (to ``rtol``) whose fading-unit masks reach ``target`` compression: doubling from ``start``
-    until it is reached (``None`` if never, up to 2^20), then bisection. ``compression`` may set masks as it goes."""
-    lo, hi = 0.0, start
-    while compression(hi) < target:
-        if hi >= 2.0 ** 20:
-            return None
-        lo, hi = hi, hi * 2
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if compression(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo < rtol * hi:
-            break
-    return hi
 
 
 def _fading_masks(rates: dict[str, torch.Tensor], kappa: float, min_alive: float) -> dict[str, torch.Tensor]:
@@ -116,8 +97,8 @@ def dynsnn_convert(snn: ConvertedSNN, calib_loader, target_compression: float | 
     if target_compression is None:
         comp = apply(kappa)
     else:
-        kappa = smallest_kappa(apply, target_compression, max(kappa, 1e-3), 1e-6, 50)
-        if kappa is None:
+        kappa, reached = smallest_kappa(apply, target_compression, max(kappa, 1e-3), 50, rtol=1e-6)
+        if not reached:
             raise ValueError(f"target_compression {target_compression} cannot be reached (min_alive={min_alive}, "
                              f"excluded {sorted(excluded)}): at most {apply(2.0 ** 20):.3f}")
         comp = apply(kappa)
@@ -281,9 +262,7 @@ class FadingUnits:
         def comp(k: float) -> float:
             return self.compression(_fading_masks(rates, k, self.min_alive))
 
-        hi = smallest_kappa(comp, target, 1.0, 1e-5, 40)
-        if hi is None:  # unreachable (min_alive): as far as κ goes
-            hi = 2.0 ** 20
+        hi, _ = smallest_kappa(comp, target, 1.0, 40, rtol=1e-5)  # unreachable (min_alive): as far as κ goes
         self.kappa = hi
         self.masks = _fading_masks(rates, hi, self.min_alive)
         return self.compression()

@@ -27,6 +27,7 @@ term.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +70,29 @@ class DynSNNConfig(MethodConfig):
         self.check(0 <= self.min_alive <= 1, f"{key}.min_alive", "must be in [0, 1]")
         self.check(self.kappa_rule == "learned" or self.target_compression is not None, f"{key}.kappa_rule",
                    "solved needs a target_compression")
+
+
+def smallest_kappa(compression: Callable[[float], float], target: float, start: float, steps: int,
+                   rtol: float = 0.0, saturated: Callable[[float], bool] = lambda k: k >= 2.0 ** 20,
+                   max_doublings: int | None = None) -> tuple[float, bool]:
+    """The smallest κ whose masks reach ``target`` compression (``compression`` non-decreasing in κ; it may set
+    masks as it goes): double from ``start`` until reached, then ``steps`` bisections (stopping early once the
+    bracket is within ``rtol``). Returns ``(κ, True)``, or ``(the last κ tried, False)`` when ``saturated(κ)`` or
+    ``max_doublings`` ends the doubling first. Used by the method and by post-conversion masking."""
+    lo, hi, n = 0.0, start, 0
+    while compression(hi) < target:
+        if saturated(hi) or n == max_doublings:
+            return hi, False
+        lo, hi, n = hi, 2 * hi, n + 1
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if compression(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < rtol * hi:
+            break
+    return hi, True
 
 
 @register_method("dynsnn")
@@ -135,26 +159,15 @@ class DynSNN(Method):
             self._apply(inputs, k)
             return 1 - self.engine.density()
 
-        lo = 0.0
-        if compression(lo) >= target:
-            return lo
-        hi = max(self.kappa, 1e-6)
-        for _ in range(60):  # grow until the target (or the min_alive floor) is reached
-            if compression(hi) >= target:
-                break
-            if self.cfg.threshold == "percentile" and self.cfg.percentile / 100 * hi / self.cfg.kappa >= 0.999:
-                break
-            if self.cfg.threshold == "mean" and all(
-                    hi * float(ref.mean()) > float(a.max()) for a, ref in inputs.values()):
-                break  # every layer at its floor already
-            lo, hi = hi, 2 * hi
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            if compression(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        def saturated(k: float) -> bool:  # a larger κ masks nothing more: every layer at its min_alive floor
+            if self.cfg.threshold == "percentile":
+                return self.cfg.percentile / 100 * k / self.cfg.kappa >= 0.999
+            return all(k * float(ref.mean()) > float(a.max()) for a, ref in inputs.values())
+
+        if compression(0.0) >= target:
+            return 0.0
+        return smallest_kappa(compression, target, max(self.kappa, 1e-6), steps, saturated=saturated,
+                              max_doublings=60)[0]
 
     def current_target(self) -> float:
         """The compression κ is steered to now: the final target, reached by a cubic ramp (Zhu & Gupta)."""
